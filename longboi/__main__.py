@@ -1,0 +1,5 @@
+import sys
+
+from longboi.cli import main
+
+sys.exit(main())

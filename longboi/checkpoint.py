@@ -1,0 +1,176 @@
+"""The checkpoint directory, longboi's one hand-off format: config.json + model.safetensors + tokenizer.json.
+
+`config.json` is an MPT config (HF `MptConfig` / LLM Foundry layout). When every feature the model
+uses is one HF's native `MptForCausalLM` computes, the directory is also a valid HF checkpoint
+(`model_type: "mpt"`); otherwise we write `model_type: "longboi_mpt"` so `transformers` refuses it
+instead of silently computing something else (see `longboi.export.hf`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from longboi import __version__
+from longboi.config import ModelConfig, from_mpt_dict, to_mpt_dict
+from longboi.errors import UserError
+from longboi.model import MPTForCausalLM
+from longboi.tokenizer import Tokenizer
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Wrapper prefixes that torch.compile, DDP and FSDP add to parameter names.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical MPT names: strip compile/DDP/FSDP wrapper prefixes wherever they appear."""
+    out = {}
+    for name, tensor in state.items():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        out[name] = tensor
+    return out
+
+
+def unwrap(model: torch.nn.Module) -> MPTForCausalLM:
+    """The MPTForCausalLM under torch.compile / DDP wrappers."""
+    while not isinstance(model, MPTForCausalLM):
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"not an MPT model: {type(model).__name__}")
+        model = inner
+    return model
+
+
+def config_json(cfg: ModelConfig) -> dict[str, Any]:
+    from longboi.export.hf import hf_unsupported  # local: export imports this module
+
+    representable = not hf_unsupported(cfg)
+    return {
+        "architectures": ["MptForCausalLM" if representable else "LongboiMPTForCausalLM"],
+        "model_type": "mpt" if representable else "longboi_mpt",
+        **to_mpt_dict(cfg),
+        "longboi": {"version": __version__},
+    }
+
+
+def atomic_directory(path: Path):
+    """Context manager: yields a temp dir beside `path`; on success it replaces `path` in one rename.
+
+    A crash before the rename leaves the previous `path` untouched (a stray `.tmp-*` at most).
+    """
+    return _AtomicDir(Path(path))
+
+
+class _AtomicDir:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> Path:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for f in self.tmp.iterdir():  # data on disk before the rename makes it visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if self.path.exists():
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write model (+ tokenizer) as a checkpoint directory, atomically. `dtype` casts the weights."""
+    model = unwrap(model)
+    cfg = model.config
+    state = clean_state_dict(model.state_dict())
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # safetensors stores no aliases; loaders re-tie
+    state = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu() for k, v in state.items()}
+    directory = Path(directory)
+    with atomic_directory(directory) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config_json(cfg), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return directory
+
+
+def load_config(directory: str | Path) -> ModelConfig:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{directory}: not a checkpoint directory (no config.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from e
+    if data.get("model_type") not in (None, "mpt", "longboi_mpt"):
+        raise UserError(f"{path}: model_type {data['model_type']!r} is not an MPT model")
+    return from_mpt_dict(data, str(path))
+
+
+def load_state_dict(directory: str | Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Weights from safetensors (single or sharded); pickle formats only with allow_pickle."""
+    directory = Path(directory)
+    single, index = directory / "model.safetensors", directory / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(str(directory / shard)).items()}
+    pickled = sorted(p for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not pickled:
+        raise UserError(f"{directory}: no model.safetensors (or sharded index) found")
+    if not allow_pickle:
+        raise UserError(f"{directory}: weights are in pickle format ({pickled[0].name}); loading a pickle can run "
+                        "arbitrary code. Convert it to safetensors, or pass --allow-pickle if you trust the source.")
+    warnings.warn(f"loading pickled weights from {directory} because --allow-pickle was given", stacklevel=2)
+    state: dict[str, torch.Tensor] = {}
+    for p in pickled:
+        state.update(torch.load(p, map_location="cpu", weights_only=True))
+    return state
+
+
+def load_model(directory: str | Path, allow_pickle: bool = False, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> MPTForCausalLM:
+    """Build the model described by `directory/config.json` and load its weights (strict names)."""
+    cfg = load_config(directory)
+    state = clean_state_dict(load_state_dict(directory, allow_pickle))
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # HF saves the tied head too, as the same tensor
+    with torch.device("meta"):
+        model = MPTForCausalLM(cfg)
+    missing, unexpected = _name_diff(model, state)
+    if missing or unexpected:
+        raise UserError(f"{directory}: weights do not match config.json: missing {missing[:5]}, "
+                        f"unexpected {unexpected[:5]}")
+    model.load_state_dict(state, assign=True)
+    model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _name_diff(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    expected = set(model.state_dict())
+    return sorted(expected - set(state)), sorted(set(state) - expected)
+
+
+def load_tokenizer(directory: str | Path) -> Tokenizer | None:
+    path = Path(directory) / "tokenizer.json"
+    return Tokenizer(path) if path.is_file() else None

@@ -1,0 +1,226 @@
+"""The `longboi` command. Each subcommand is a plain typed function (also the Python API);
+`--help` text and argument parsing are generated from its signature and docstring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from longboi.errors import UserError
+
+
+def info(target: str, seq_len: int | None = None) -> dict:
+    """Parameter count, FLOPs per token and training memory of a preset or checkpoint.
+
+    Args:
+        target: a preset name (tiny, mpt-125m ... mpt-30b) or a checkpoint directory.
+        seq_len: sequence length for the attention FLOPs term (default: the model's max_seq_len).
+    """
+    from longboi.plan import human, memory_table, model_stats
+
+    cfg = _config_of(target)
+    stats = model_stats(cfg, seq_len)
+    print(f"{target}: d_model {cfg.d_model}, n_heads {cfg.n_heads} (kv {cfg.kv_heads}), n_layers {cfg.n_layers}, "
+          f"ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}, max_seq_len {cfg.max_seq_len}")
+    print(f"parameters          {stats.params:>16,}  ({human(stats.params)})")
+    print(f"  non-embedding     {stats.non_embedding_params:>16,}  ({human(stats.non_embedding_params)})")
+    print(f"train FLOPs/token   {stats.train_flops_per_token:>16,}  ({human(stats.train_flops_per_token)}, "
+          f"seq_len {stats.seq_len}: 6N + 12*L*d*T)")
+    for what, gib in memory_table(stats.params):
+        print(f"{what:<44} {gib:>10.2f} GiB")
+    return {"params": stats.params, "non_embedding_params": stats.non_embedding_params,
+            "train_flops_per_token": stats.train_flops_per_token}
+
+
+def init(preset: str, out: str, *, tokenizer: str, seed: int = 0) -> Path:
+    """Create a randomly initialized checkpoint directory from a preset.
+
+    Args:
+        preset: model preset name (tiny, mpt-125m, ... mpt-30b).
+        out: checkpoint directory to write (replaced atomically if it exists).
+        tokenizer: path to a HF tokenizer.json, copied into the checkpoint.
+        seed: random seed for the initialization.
+    """
+    import torch
+
+    from longboi.checkpoint import save_checkpoint
+    from longboi.config import preset as get_preset
+    from longboi.model import MPTForCausalLM
+    from longboi.tokenizer import Tokenizer
+
+    cfg = get_preset(preset)
+    tok = Tokenizer(tokenizer)
+    tok.check_fits(cfg.vocab_size)
+    torch.manual_seed(seed)
+    path = save_checkpoint(MPTForCausalLM(cfg), out, tok)
+    print(f"wrote {path} ({preset}, seed {seed})", file=sys.stderr)
+    return path
+
+
+def generate(ckpt: str, prompt: str | None = None, prompt_file: str | None = None, max_new_tokens: int = 128,
+             temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
+             repetition_penalty: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
+             dtype: Literal["float32", "bfloat16"] = "float32", allow_pickle: bool = False) -> str:
+    """Generate a completion of a prompt, streaming it to stdout.
+
+    Args:
+        ckpt: checkpoint directory (longboi or HF MPT).
+        prompt: the prompt text.
+        prompt_file: read the prompt from this file instead.
+        max_new_tokens: most tokens to generate.
+        temperature: sampling temperature; 0 means greedy.
+        top_k: sample only from the k most likely tokens (none: no limit).
+        top_p: nucleus sampling: smallest set of tokens with this total probability.
+        repetition_penalty: >1 discourages repeating tokens already in the text.
+        stop: stop when the text contains one of these strings (repeatable).
+        seed: random seed, for reproducible sampling.
+        dtype: weights/compute dtype (bfloat16 halves memory; never float16 on CPU).
+        allow_pickle: allow loading .bin/.pt weights (pickle can run code: trusted files only).
+    """
+    import torch
+
+    from longboi.checkpoint import load_model, load_tokenizer
+    from longboi.generate import SamplingParams, stream
+
+    text = _read_prompt(prompt, prompt_file)
+    model = load_model(ckpt, allow_pickle=allow_pickle, dtype=getattr(torch, dtype))
+    tok = load_tokenizer(ckpt)
+    if tok is None:
+        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    n_prompt = len(tok.encode(text))
+    if n_prompt > model.config.max_seq_len:
+        if not model.config.alibi:
+            raise UserError(f"prompt has {n_prompt} tokens, over max_seq_len {model.config.max_seq_len}, and this "
+                            "model uses learned position embeddings, which cannot extrapolate")
+        print(f"note: prompt has {n_prompt} tokens, past the trained max_seq_len {model.config.max_seq_len}; "
+              "ALiBi extrapolates, quality may degrade far beyond it", file=sys.stderr)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
+    pieces = []
+    for piece in stream(model, tok, text, params):
+        pieces.append(piece)
+        print(piece, end="", flush=True)
+    print()
+    return "".join(pieces)
+
+
+def convert(src: str, to: Literal["hf", "longboi"], dst: str, allow_pickle: bool = False) -> Path:
+    """Convert a checkpoint between longboi and Hugging Face transformers' MPT.
+
+    Args:
+        src: source directory (longboi checkpoint, or an HF MPT directory saved by transformers).
+        to: target format: "hf" (loads with MptForCausalLM.from_pretrained) or "longboi".
+        dst: directory to write.
+        allow_pickle: allow reading .bin/.pt weights from src (pickle can run code: trusted files only).
+    """
+    from longboi.export.hf import export_hf, import_checkpoint
+
+    path = (export_hf if to == "hf" else import_checkpoint)(src, dst, allow_pickle=allow_pickle)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+COMMANDS: list[Callable] = [info, init, generate, convert]
+
+
+def _config_of(target: str):
+    from longboi.checkpoint import load_config
+    from longboi.config import PRESETS, preset
+
+    if target in PRESETS or not Path(target).exists():
+        return preset(target)
+    return load_config(target)
+
+
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise UserError("give exactly one of --prompt or --prompt-file")
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise UserError(f"prompt file not found: {path}")
+        return path.read_text()
+    assert prompt is not None
+    return prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# Signature -> argparse. Positional: parameters without defaults; keyword-only ones without defaults are
+# required options; the rest are --kebab-case options.
+
+
+def _arg_docs(fn: Callable) -> tuple[str, dict[str, str]]:
+    doc = inspect.getdoc(fn) or ""
+    summary, _, rest = doc.partition("\n\nArgs:\n")
+    docs = {}
+    for m in re.finditer(r"^\s+(\w+): (.+(?:\n\s{8,}.+)*)", rest, re.M):
+        docs[m.group(1)] = " ".join(m.group(2).split())
+    return summary.strip(), docs
+
+
+def _unwrap_optional(tp) -> type:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
+    summary, docs = _arg_docs(fn)
+    parser = sub.add_parser(fn.__name__, help=summary.splitlines()[0], description=summary,
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        tp = _unwrap_optional(hints[name])
+        kwargs: dict = {"help": docs.get(name, "")}
+        if typing.get_origin(tp) is Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+        elif typing.get_origin(tp) is list:
+            kwargs.update(type=typing.get_args(tp)[0], action="append")
+        elif tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp
+        flag = "--" + name.replace("_", "-")
+        if param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is inspect.Parameter.empty:
+            parser.add_argument(flag, dest=name, required=True, **kwargs)  # keyword-only: a required option
+        elif param.default is inspect.Parameter.empty:
+            parser.add_argument(name, **kwargs)
+        else:
+            parser.add_argument(flag, dest=name, default=param.default, **kwargs)
+    parser.set_defaults(_fn=fn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="longboi", description="An LLM foundry for MPT-style models.")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    for fn in COMMANDS:
+        _add_command(sub, fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(build_parser().parse_args(argv))
+    fn = args.pop("_fn")
+    try:
+        fn(**args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Hugging Face `transformers` interop: which configs HF's native MPT computes, and conversion both ways.
+
+HF's `MptForCausalLM` (no trust_remote_code) implements a fixed subset of MPT. What it does not
+compute, established by tests/test_hf.py against the installed transformers, not from its docs:
+- the MLP width is hard-coded to 4 * d_model (expansion_ratio is read but ignored);
+- ALiBi is always on, always with alibi_bias_max 8 (learned position embeddings are never added);
+- Linear layers and LayerNorms never have biases; LayerNorm is the only norm;
+- attention is multi-head only (no GQA/MQA), with no QK-LayerNorm and no logit_scale.
+Such configs are refused by `export_hf` with an error naming each feature.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longboi.checkpoint import load_model, load_tokenizer, save_checkpoint
+from longboi.config import ModelConfig
+from longboi.errors import UserError
+
+
+def hf_unsupported(cfg: ModelConfig) -> list[str]:
+    """The features of `cfg` that transformers' native MptForCausalLM would silently compute differently."""
+    problems = []
+    if cfg.attn_type != "multihead_attention":
+        problems.append(f"attn_type={cfg.attn_type} (HF MPT is multi-head only)")
+    if cfg.qk_ln:
+        problems.append("qk_ln=true (HF MPT has no QK-LayerNorm)")
+    if not cfg.alibi:
+        problems.append("alibi=false (HF MPT always applies ALiBi)")
+    if cfg.learned_pos_emb:
+        problems.append("learned_pos_emb=true (HF MPT has no position embedding)")
+    if cfg.alibi and cfg.alibi_bias_max != 8:
+        problems.append(f"alibi_bias_max={cfg.alibi_bias_max} (HF MPT always uses 8)")
+    if cfg.expansion_ratio != 4:
+        problems.append(f"expansion_ratio={cfg.expansion_ratio} (HF MPT's MLP is always 4 * d_model)")
+    if not cfg.no_bias:
+        problems.append("no_bias=false (HF MPT has no biases)")
+    if cfg.norm_type == "rmsnorm":
+        problems.append("norm_type=rmsnorm (HF MPT uses LayerNorm)")
+    if cfg.logit_scale is not None:
+        problems.append(f"logit_scale={cfg.logit_scale} (HF MPT does not scale logits)")
+    return problems
+
+
+def check_hf_representable(cfg: ModelConfig) -> None:
+    problems = hf_unsupported(cfg)
+    if problems:
+        raise UserError("this model cannot be exported to transformers' MptForCausalLM, which does not support: "
+                        + "; ".join(problems))
+
+
+def export_hf(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
+    """Write a directory `transformers.MptForCausalLM.from_pretrained(dst)` loads with identical logits."""
+    model = load_model(src, allow_pickle=allow_pickle)
+    check_hf_representable(model.config)
+    return save_checkpoint(model, dst, load_tokenizer(src))
+
+
+def import_checkpoint(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
+    """Read any MPT directory (ours, HF-saved, LLM Foundry's HF export) and write a longboi checkpoint."""
+    model = load_model(src, allow_pickle=allow_pickle)
+    return save_checkpoint(model, dst, load_tokenizer(src))

@@ -1,0 +1,359 @@
+"""The MPT decoder, all of it, top to bottom.
+
+    tokens -> wte (+ wpe when ALiBi is off) -> n_layers x [x + attn(norm_1(x)); x + ffn(norm_2(x))]
+           -> norm_f -> logits = h @ wte^T (tied) or lm_head(h)
+
+Attention is `scaled_dot_product_attention` with ALiBi as an additive bias. ALiBi has no position
+table, so prompts far past `max_seq_len` run; the (T x T) bias is never built whole: causal
+attention without padding uses a key-only bias (1, H, 1, T) plus `is_causal`, and everything else
+(KV cache, padded batches, packed `sequence_id`) builds the bias one block of query rows at a time.
+Parameter names are MPT's own, so HF `MptForCausalLM` and LLM Foundry checkpoints load unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from longboi.config import ModelConfig
+
+# Bytes of attention bias built at once; bounds prefill memory at any context length.
+ATTN_CHUNK_BYTES = 64 * 2**20
+
+
+def alibi_slopes(n_heads: int, bias_max: int = 8) -> torch.Tensor:
+    """Per-head ALiBi slopes 2^(-bias_max * h / n) (Press et al.), MPT's order for n != 2^k."""
+    n = 2 ** math.ceil(math.log2(n_heads))
+    exponents = torch.arange(1, n + 1, dtype=torch.float64, device="cpu") * (bias_max / n)
+    slopes = 1.0 / torch.pow(2.0, exponents)
+    if n != n_heads:  # interleave so the kept heads still span the slope range
+        slopes = torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+    return slopes.float()  # (H,)
+
+
+class LPLayerNorm(nn.LayerNorm):
+    """MPT's low_precision_layernorm: under autocast, normalize in the autocast dtype (saves an fp32 copy)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        if not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(device)
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        with torch.autocast(device, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
+
+
+def build_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    if cfg.norm_type == "rmsnorm":
+        return RMSNorm(dim, cfg.layer_norm_epsilon)
+    norm = LPLayerNorm if cfg.norm_type == "low_precision_layernorm" else nn.LayerNorm
+    return norm(dim, eps=cfg.layer_norm_epsilon, bias=not cfg.no_bias)
+
+
+class KVCache:
+    """Keys/values of all layers for incremental decoding, in one buffer that doubles when full.
+
+    Allocated on first use with the dtype attention produces (bf16 under autocast). Stores kv_heads
+    heads, so GQA/MQA caches are n_heads/kv_heads times smaller.
+    """
+
+    def __init__(self, n_layers: int, capacity: int = 256):
+        self.n_layers, self.capacity, self.length = n_layers, capacity, 0
+        self.keys: torch.Tensor | None = None  # (L, B, Hkv, capacity, D)
+        self.values: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, Hkv, T, D) keys/values for `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if self.keys is None or end > self.keys.shape[3]:
+            self._grow(k, max(end, 2 * (self.keys.shape[3] if self.keys is not None else self.capacity)))
+        assert self.keys is not None and self.values is not None
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def _grow(self, like: torch.Tensor, capacity: int) -> None:
+        b, h, _, d = like.shape
+        keys = like.new_zeros(self.n_layers, b, h, capacity, d)
+        values = like.new_zeros(self.n_layers, b, h, capacity, d)
+        if self.keys is not None and self.values is not None:
+            keys[..., : self.length, :] = self.keys[..., : self.length, :]
+            values[..., : self.length, :] = self.values[..., : self.length, :]
+        self.keys, self.values = keys, values
+
+    def advance(self, n: int) -> None:
+        """Called once per forward, after every layer has stored its n new positions."""
+        self.length += n
+
+
+class AttentionMask:
+    """Which keys each query sees, and the ALiBi bias, built once per forward for all layers.
+
+    Three rules combine: causal (query i sees keys <= i), key padding (`key_valid`, for batches of
+    prompts with different lengths) and documents (`sequence_id`: packed sequences never see each
+    other). Queries are the last `q_len` of the `k_len` positions (the rest are in the KV cache).
+    """
+
+    def __init__(self, q_len: int, k_len: int, slopes: torch.Tensor | None, device: torch.device,
+                 key_valid: torch.Tensor | None = None, sequence_id: torch.Tensor | None = None):
+        self.q_len, self.k_len, self.past = q_len, k_len, k_len - q_len
+        self.slopes = slopes.to(device) if slopes is not None else None  # (H,)
+        self.key_valid = key_valid  # (B, Tk) bool
+        self.sequence_id = sequence_id  # (B, Tk) int
+        self.key_pos = torch.arange(k_len, device=device)
+        # Key-only ALiBi, slope * (j - (Tk-1)): under a causal mask it differs from MPT's relative
+        # bias slope * (j - i) by a per-row constant, which softmax ignores.
+        self.key_bias = None if slopes is None else (self.slopes[:, None] * (self.key_pos - (k_len - 1))).view(1, -1, 1, k_len)
+
+    @property
+    def simple(self) -> bool:
+        """Causal only: no padding and no packed documents."""
+        return self.key_valid is None and self.sequence_id is None
+
+    def bias(self, start: int, end: int) -> torch.Tensor:
+        """Additive fp32 bias for query rows [start, end): (B or 1, H or 1, end-start, Tk), -inf where masked."""
+        q_pos = self.past + torch.arange(start, end, device=self.key_pos.device)
+        allowed = (self.key_pos[None, :] <= q_pos[:, None])[None]  # (1, c, Tk)
+        if self.sequence_id is not None:
+            sid_q = self.sequence_id[:, self.past + start: self.past + end]
+            allowed = allowed & (sid_q[:, :, None] == self.sequence_id[:, None, :])  # (B, c, Tk)
+        if self.key_valid is not None:  # a padded query still sees itself, so no row is all -inf (NaN)
+            allowed = allowed & (self.key_valid[:, None, :] | (self.key_pos[None, :] == q_pos[:, None]))
+        if self.slopes is None:
+            rel = torch.zeros(1, 1, 1, 1, device=q_pos.device)
+        else:  # relative ALiBi: small near the diagonal, so it stays exact where it matters
+            rel = (-self.slopes[:, None, None] * (q_pos[:, None] - self.key_pos[None, :]).float())[None]
+        return rel.masked_fill(~allowed[:, None], float("-inf"))  # (B|1, H|1, c, Tk)
+
+    def row_chunks(self, batch: int, heads: int) -> list[tuple[int, int]]:
+        rows = max(1, ATTN_CHUNK_BYTES // (4 * batch * heads * self.k_len))
+        return [(s, min(s + rows, self.q_len)) for s in range(0, self.q_len, rows)]
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
+                   dropout_p: float) -> torch.Tensor:
+    """(B, H, Tq, D) x (B, Hkv, Tk, D) -> (B, H, Tq, D) through torch's fused SDPA kernels."""
+    gqa = q.shape[1] != k.shape[1]
+    key_bias = mask.key_bias
+    if key_bias is not None and q.device.type != "cpu":
+        key_bias = key_bias.to(q.dtype)  # GPU kernels want the mask in the query dtype; CPU takes fp32
+    if mask.simple and mask.q_len == mask.k_len:  # training / fresh prefill: no (T x T) tensor at all
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout_p, is_causal=True,
+                                              scale=scale, enable_gqa=gqa)
+    if mask.simple and mask.q_len == 1:  # decoding one token: it sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout_p, scale=scale,
+                                              enable_gqa=gqa)
+    out = []
+    for start, end in mask.row_chunks(q.shape[0], q.shape[1]):
+        bias = mask.bias(start, end)
+        bias = bias if q.device.type == "cpu" else bias.to(q.dtype)
+        out.append(F.scaled_dot_product_attention(q[:, :, start:end], k, v, attn_mask=bias, dropout_p=dropout_p,
+                                                  scale=scale, enable_gqa=gqa))
+    return torch.cat(out, dim=2)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
+                    dropout_p: float) -> torch.Tensor:
+    """Reference: materializes the (B, H, Tq, Tk) scores in fp32. For tests and debugging."""
+    if q.shape[1] != k.shape[1]:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale + mask.bias(0, mask.q_len)  # (B, H, Tq, Tk)
+    probs = F.dropout(scores.softmax(dim=-1), p=dropout_p)
+    return probs.to(v.dtype) @ v
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
+                    dropout_p: float) -> torch.Tensor:
+    """flash-attn 2 on CUDA (ALiBi via alibi_slopes; causal aligned bottom-right for the KV cache)."""
+    from flash_attn import flash_attn_func  # optional dependency, CUDA only
+
+    slopes = mask.slopes.float() if mask.slopes is not None else None
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
+                          softmax_scale=scale, causal=True, alibi_slopes=slopes)  # (B, Tq, H, D)
+    return out.transpose(1, 2)
+
+
+class MPTAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.kv_dim = cfg.kv_heads * cfg.head_dim
+        self.Wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * self.kv_dim, bias=not cfg.no_bias)  # fused QKV
+        if cfg.qk_ln:
+            self.q_ln = build_norm(cfg, cfg.d_model)
+            self.k_ln = build_norm(cfg, self.kv_dim)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=not cfg.no_bias)
+        self.out_proj._is_residual = True  # type: ignore[assignment]  # init scaled by 1/sqrt(2L)
+        self.scale = cfg.softmax_scale or 1 / math.sqrt(cfg.head_dim)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | None, layer: int) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        qkv = self.Wqkv(x)  # (B, T, d + 2 * kv_dim)
+        if cfg.clip_qkv:
+            qkv = qkv.clamp(min=-cfg.clip_qkv, max=cfg.clip_qkv)
+        q, k, v = qkv.split([cfg.d_model, self.kv_dim, self.kv_dim], dim=-1)
+        if cfg.qk_ln:
+            q, k = self.q_ln(q).to(v.dtype), self.k_ln(k).to(v.dtype)
+        q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, past + T, D)
+        dropout_p = cfg.attn_pdrop if self.training else 0.0
+        if cfg.attn_impl == "eager":
+            y = eager_attention(q, k, v, mask, self.scale, dropout_p)
+        elif cfg.attn_impl == "flash" and q.is_cuda and mask.simple:
+            y = flash_attention(q, k, v, mask, self.scale, dropout_p)
+        else:  # "sdpa", and "flash" where flash-attn cannot express the mask (padding, packing)
+            y = sdpa_attention(q, k, v, mask, self.scale, dropout_p)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, cfg.d_model))  # (B, T, d)
+
+
+class MPTMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=not cfg.no_bias)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=not cfg.no_bias)
+        self.down_proj._is_residual = True  # type: ignore[assignment]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))  # (B, T, d) -> (B, T, ffn) -> (B, T, d)
+
+
+class MPTBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_1 = build_norm(cfg, cfg.d_model)
+        self.attn = MPTAttention(cfg)
+        self.norm_2 = build_norm(cfg, cfg.d_model)
+        self.ffn = MPTMLP(cfg)
+        self.resid_attn_dropout = nn.Dropout(cfg.resid_pdrop)
+        self.resid_ffn_dropout = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), mask, cache, layer))
+        return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
+
+
+class MPTModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.learned_pos_emb:
+            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.emb_drop = nn.Dropout(cfg.emb_pdrop)
+        self.blocks = nn.ModuleList(MPTBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = build_norm(cfg, cfg.d_model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                sequence_id: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) final hidden states.
+
+        attention_mask: (B, past + T), 1 for real tokens, 0 for padding. sequence_id: (B, past + T)
+        document index of each position, for packed sequences. cache: appended to in place.
+        """
+        B, T = input_ids.shape
+        past = cache.length if cache is not None else 0
+        x = self.wte(input_ids)  # (B, T, d)
+        if self.cfg.learned_pos_emb:
+            if past + T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len {self.cfg.max_seq_len} "
+                                 "(learned position embeddings cannot extrapolate; ALiBi models can)")
+            x = x + self.wpe(torch.arange(past, past + T, device=x.device))
+        if self.cfg.embedding_fraction < 1:  # scales the embedding gradient only (GLM-130B's trick)
+            f = self.cfg.embedding_fraction
+            x = x * f + x.detach() * (1 - f)
+        x = self.emb_drop(x)
+        key_valid = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
+        slopes = alibi_slopes(self.cfg.n_heads, self.cfg.alibi_bias_max) if self.cfg.alibi else None  # (H,)
+        mask = AttentionMask(T, past + T, slopes, x.device, key_valid, sequence_id)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, cache, i)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm_f(x)
+
+
+class MPTForCausalLM(nn.Module):
+    """The MPT language model: `transformer` (MPT's name for the trunk) plus the LM head."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.transformer = MPTModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_module)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                sequence_id: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """(B, T) ids -> (B, T, vocab) logits; only the last `logits_to_keep` positions if > 0."""
+        h = self.transformer(input_ids, attention_mask, sequence_id, cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) hidden states -> (..., vocab) logits. Separate so a loss can run it in chunks."""
+        weight = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        logits = F.linear(h, weight)
+        return logits * self.config.logit_scale if self.config.logit_scale is not None else logits
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.config.n_layers)
+
+    def _init_module(self, module: nn.Module) -> None:
+        """MPT's init: kaiming-normal (fan_in) or normal weights, residual projections scaled down."""
+        cfg = self.config
+        if isinstance(module, nn.Linear):
+            self._init_weight(module.weight, cfg.init_std)
+            if getattr(module, "_is_residual", False) and cfg.init_div_is_residual:
+                with torch.no_grad():
+                    module.weight.div_(math.sqrt(2 * cfg.n_layers))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            if cfg.emb_init_std is not None:
+                nn.init.normal_(module.weight, std=cfg.emb_init_std)
+            else:
+                self._init_weight(module.weight, cfg.init_std)
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    def _init_weight(self, weight: torch.Tensor, std: float) -> None:
+        if self.config.init_scheme == "kaiming_normal":
+            nn.init.kaiming_normal_(weight, mode="fan_in", nonlinearity="relu")
+        else:
+            nn.init.normal_(weight, std=std)
+
+
+def count_params(model: nn.Module, non_embedding: bool = False) -> int:
+    """Parameters (tied weights once). non_embedding leaves out wte/wpe, as scaling laws count."""
+    total = 0
+    for name, p in model.named_parameters():
+        if non_embedding and (".wte." in f".{name}" or ".wpe." in f".{name}"):
+            continue
+        total += p.numel()
+    return total

@@ -1,0 +1,133 @@
+"""Tokenizer: any HF `tokenizer.json`, its special tokens, and the model's padded vocabulary.
+
+MPT pads the embedding table up to a multiple of 128 (GPT-NeoX-20B: 50,277 ids -> 50,432) so the
+LM-head matmul tiles well on GPUs; the extra rows are never produced by the tokenizer and are masked
+out when sampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+
+from longboi.errors import UserError
+
+# Names that mean "end of document" / "padding" across common tokenizers, in order of preference.
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
+PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>")
+
+
+def padded_vocab_size(n: int, multiple: int = 128) -> int:
+    return (n + multiple - 1) // multiple * multiple
+
+
+class Tokenizer:
+    """Wraps `tokenizers.Tokenizer` with EOS/pad ids and the checks a model needs."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            self.path = self.path / "tokenizer.json"
+        if not self.path.is_file():
+            raise UserError(f"tokenizer file not found: {self.path}")
+        try:
+            self._tok = HFTokenizer.from_file(str(self.path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+            raise UserError(f"{self.path}: not a valid HF tokenizer.json ({e})") from e
+        special = self._special_tokens_from_config()
+        self.eos_id = self._find(special.get("eos_token"), EOS_CANDIDATES)
+        pad = self._find(special.get("pad_token"), PAD_CANDIDATES)
+        self.pad_id = pad if pad is not None else self.eos_id
+
+    def _special_tokens_from_config(self) -> dict[str, str]:
+        """eos/pad names from a tokenizer_config.json beside tokenizer.json, when there is one."""
+        cfg_path = self.path.with_name("tokenizer_config.json")
+        if not cfg_path.is_file():
+            return {}
+        cfg = json.loads(cfg_path.read_text())
+        out = {}
+        for key in ("eos_token", "pad_token"):
+            value = cfg.get(key)
+            out[key] = value.get("content") if isinstance(value, dict) else value
+        return {k: v for k, v in out.items() if v}
+
+    def _find(self, preferred: str | None, candidates: Iterable[str]) -> int | None:
+        for name in ([preferred] if preferred else []) + list(candidates):
+            token_id = self._tok.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer can produce (including added tokens)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_token(self) -> str | None:
+        return None if self.eos_id is None else self._tok.id_to_token(self.eos_id)
+
+    def sha256(self) -> str:
+        """Identity of the tokenizer file (prepared data records it so mismatches are caught)."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def check_fits(self, model_vocab_size: int) -> None:
+        """Every id the tokenizer produces must index the model's embedding table."""
+        if self.vocab_size > model_vocab_size:
+            raise UserError(f"tokenizer {self.path} has {self.vocab_size} ids but the model's vocab_size is "
+                            f"{model_vocab_size}; use vocab_size >= {padded_vocab_size(self.vocab_size)}")
+
+    def save(self, directory: Path) -> None:
+        """Write tokenizer.json plus a tokenizer_config.json naming eos/pad, so HF AutoTokenizer works too."""
+        (directory / "tokenizer.json").write_bytes(self.path.read_bytes())
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+        if self.eos_id is not None:
+            config["eos_token"] = config["bos_token"] = config["unk_token"] = self._tok.id_to_token(self.eos_id)
+        if self.pad_id is not None:
+            config["pad_token"] = self._tok.id_to_token(self.pad_id)
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+class StreamDecoder:
+    """Turns a growing list of ids into text pieces, never splitting a multi-byte character.
+
+    BPE tokens can end mid-UTF-8 sequence; decoding each token alone would print replacement
+    characters, so we decode the tail since the last clean boundary and emit only what is final.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the decoded text already given out
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # incomplete character: wait for the next token
+            return ""
+        piece, self.emitted = text[self.emitted:], len(text)
+        return piece
+
+    def text(self) -> str:
+        return self.tok.decode(self.ids)
+
+
+def iter_pieces(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    decoder = StreamDecoder(tokenizer)
+    for token_id in ids:
+        piece = decoder.push(token_id)
+        if piece:
+            yield piece
