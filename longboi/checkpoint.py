@@ -95,8 +95,9 @@ class _AtomicDir:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(model: torch.nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None,
-                    dtype: torch.dtype | None = None) -> Path:
+def save_checkpoint(
+    model: torch.nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None
+) -> Path:
     """Write model (+ tokenizer) as a checkpoint directory, atomically. `dtype` casts the weights."""
     model = unwrap(model)
     cfg = model.config
@@ -139,8 +140,10 @@ def load_state_dict(directory: str | Path, allow_pickle: bool = False) -> dict[s
     if not pickled:
         raise UserError(f"{directory}: no model.safetensors (or sharded index) found")
     if not allow_pickle:
-        raise UserError(f"{directory}: weights are in pickle format ({pickled[0].name}); loading a pickle can run "
-                        "arbitrary code. Convert it to safetensors, or pass --allow-pickle if you trust the source.")
+        raise UserError(
+            f"{directory}: weights are in pickle format ({pickled[0].name}); loading a pickle can run "
+            "arbitrary code. Convert it to safetensors, or pass --allow-pickle if you trust the source."
+        )
     warnings.warn(f"loading pickled weights from {directory} because --allow-pickle was given", stacklevel=2)
     state: dict[str, torch.Tensor] = {}
     for p in pickled:
@@ -148,8 +151,12 @@ def load_state_dict(directory: str | Path, allow_pickle: bool = False) -> dict[s
     return state
 
 
-def load_model(directory: str | Path, allow_pickle: bool = False, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> MPTForCausalLM:
+def load_model(
+    directory: str | Path,
+    allow_pickle: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> MPTForCausalLM:
     """Build the model described by `directory/config.json` and load its weights (strict names)."""
     cfg = load_config(directory)
     state = clean_state_dict(load_state_dict(directory, allow_pickle))
@@ -159,8 +166,9 @@ def load_model(directory: str | Path, allow_pickle: bool = False, device: str | 
         model = MPTForCausalLM(cfg)
     missing, unexpected = _name_diff(model, state)
     if missing or unexpected:
-        raise UserError(f"{directory}: weights do not match config.json: missing {missing[:5]}, "
-                        f"unexpected {unexpected[:5]}")
+        raise UserError(
+            f"{directory}: weights do not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.load_state_dict(state, assign=True)
     model.to(device=device, dtype=dtype)
     return model.eval()

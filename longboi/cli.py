@@ -28,16 +28,23 @@ def info(target: str, seq_len: int | None = None) -> dict:
 
     cfg = _config_of(target)
     stats = model_stats(cfg, seq_len)
-    print(f"{target}: d_model {cfg.d_model}, n_heads {cfg.n_heads} (kv {cfg.kv_heads}), n_layers {cfg.n_layers}, "
-          f"ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}, max_seq_len {cfg.max_seq_len}")
+    print(
+        f"{target}: d_model {cfg.d_model}, n_heads {cfg.n_heads} (kv {cfg.kv_heads}), n_layers {cfg.n_layers}, "
+        f"ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}, max_seq_len {cfg.max_seq_len}"
+    )
     print(f"parameters          {stats.params:>16,}  ({human(stats.params)})")
     print(f"  non-embedding     {stats.non_embedding_params:>16,}  ({human(stats.non_embedding_params)})")
-    print(f"train FLOPs/token   {stats.train_flops_per_token:>16,}  ({human(stats.train_flops_per_token)}, "
-          f"seq_len {stats.seq_len}: 6N + 12*L*d*T)")
+    print(
+        f"train FLOPs/token   {stats.train_flops_per_token:>16,}  ({human(stats.train_flops_per_token)}, "
+        f"seq_len {stats.seq_len}: 6N + 12*L*d*T)"
+    )
     for what, gib in memory_table(stats.params):
         print(f"{what:<44} {gib:>10.2f} GiB")
-    return {"params": stats.params, "non_embedding_params": stats.non_embedding_params,
-            "train_flops_per_token": stats.train_flops_per_token}
+    return {
+        "params": stats.params,
+        "non_embedding_params": stats.non_embedding_params,
+        "train_flops_per_token": stats.train_flops_per_token,
+    }
 
 
 def init(preset: str, out: str, *, tokenizer: str, seed: int = 0) -> Path:
@@ -65,10 +72,20 @@ def init(preset: str, out: str, *, tokenizer: str, seed: int = 0) -> Path:
     return path
 
 
-def generate(ckpt: str, prompt: str | None = None, prompt_file: str | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.8, top_k: int | None = 50, top_p: float | None = None,
-             repetition_penalty: float = 1.0, stop: list[str] | None = None, seed: int | None = None,
-             dtype: Literal["float32", "bfloat16"] = "float32", allow_pickle: bool = False) -> str:
+def generate(
+    ckpt: str,
+    prompt: str | None = None,
+    prompt_file: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+    allow_pickle: bool = False,
+) -> str:
     """Generate a completion of a prompt, streaming it to stdout.
 
     Args:
@@ -98,12 +115,24 @@ def generate(ckpt: str, prompt: str | None = None, prompt_file: str | None = Non
     n_prompt = len(tok.encode(text))
     if n_prompt > model.config.max_seq_len:
         if not model.config.alibi:
-            raise UserError(f"prompt has {n_prompt} tokens, over max_seq_len {model.config.max_seq_len}, and this "
-                            "model uses learned position embeddings, which cannot extrapolate")
-        print(f"note: prompt has {n_prompt} tokens, past the trained max_seq_len {model.config.max_seq_len}; "
-              "ALiBi extrapolates, quality may degrade far beyond it", file=sys.stderr)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                            repetition_penalty=repetition_penalty, stop=tuple(stop or ()), seed=seed)
+            raise UserError(
+                f"prompt has {n_prompt} tokens, over max_seq_len {model.config.max_seq_len}, and this "
+                "model uses learned position embeddings, which cannot extrapolate"
+            )
+        print(
+            f"note: prompt has {n_prompt} tokens, past the trained max_seq_len {model.config.max_seq_len}; "
+            "ALiBi extrapolates, quality may degrade far beyond it",
+            file=sys.stderr,
+        )
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop=tuple(stop or ()),
+        seed=seed,
+    )
     pieces = []
     for piece in stream(model, tok, text, params):
         pieces.append(piece)
@@ -176,8 +205,12 @@ def _unwrap_optional(tp) -> type:
 
 def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
     summary, docs = _arg_docs(fn)
-    parser = sub.add_parser(fn.__name__, help=summary.splitlines()[0], description=summary,
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = sub.add_parser(
+        fn.__name__,
+        help=summary.splitlines()[0],
+        description=summary,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
         tp = _unwrap_optional(hints[name])

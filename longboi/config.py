@@ -99,7 +99,9 @@ def _validate(c: ModelConfig) -> None:
     if c.attn_type == "grouped_query_attention":
         kv = c.kv_n_heads
         checks.append((kv is not None and kv > 0, "grouped_query_attention needs kv_n_heads"))
-        checks.append((kv is None or c.n_heads % kv == 0, f"n_heads ({c.n_heads}) must be divisible by kv_n_heads ({kv})"))
+        checks.append(
+            (kv is None or c.n_heads % kv == 0, f"n_heads ({c.n_heads}) must be divisible by kv_n_heads ({kv})")
+        )
     else:
         checks.append((c.kv_n_heads is None, "kv_n_heads is only used with attn_type: grouped_query_attention"))
     for ok, message in checks:
@@ -177,7 +179,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise UserError(f"{where}: {value!r} is not one of {list(choices)}{_suggest(str(value), map(str, choices))}")
+            raise UserError(
+                f"{where}: {value!r} is not one of {list(choices)}{_suggest(str(value), map(str, choices))}"
+            )
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
@@ -218,8 +222,17 @@ def _coerce_scalar(tp: Any, value: Any, where: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 # The MPT config.json form (what HF `MptConfig` and LLM Foundry's `MPTConfig` read).
 
-_ATTN_KEYS = ("attn_type", "kv_n_heads", "alibi", "alibi_bias_max", "qk_ln", "clip_qkv", "softmax_scale",
-              "attn_pdrop", "attn_impl")
+_ATTN_KEYS = (
+    "attn_type",
+    "kv_n_heads",
+    "alibi",
+    "alibi_bias_max",
+    "qk_ln",
+    "clip_qkv",
+    "softmax_scale",
+    "attn_pdrop",
+    "attn_impl",
+)
 _INIT_KEYS = {"init_div_is_residual": "init_div_is_residual", "emb_init_std": "emb_init_std", "init_std": "std"}
 _INIT_NAMES = {"kaiming_normal": "kaiming_normal_", "normal": "normal_"}
 # attn_impl names used by LLM Foundry/HF -> ours
@@ -289,4 +302,3 @@ def from_mpt_dict(d: dict[str, Any], where: str) -> ModelConfig:
     if isinstance(flat.get("logit_scale"), str):  # LLM Foundry's "inv_sqrt_d_model"
         flat["logit_scale"] = 1 / math.sqrt(flat["d_model"])
     return from_dict(ModelConfig, flat, where)
-

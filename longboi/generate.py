@@ -36,8 +36,9 @@ def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParam
     logits = logits.float()
     if p.repetition_penalty != 1.0:  # CTRL-style: push down every token already in the context
         seen = logits.gather(1, context)
-        logits = logits.scatter(1, context, torch.where(seen < 0, seen * p.repetition_penalty,
-                                                        seen / p.repetition_penalty))
+        logits = logits.scatter(
+            1, context, torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
+        )
     if p.temperature == 0:
         return logits
     logits = logits / p.temperature
@@ -67,14 +68,21 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         if prompt:
-            ids[row, width - len(prompt):] = torch.tensor(prompt)
-            mask[row, width - len(prompt):] = 1
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
     return ids, mask
 
 
 @torch.no_grad()
-def generate_ids(model: MPTForCausalLM, prompts: list[list[int]], params: SamplingParams, eos_id: int | None,
-                 valid_vocab: int | None = None, pad_id: int = 0, use_cache: bool = True) -> Iterator[torch.Tensor]:
+def generate_ids(
+    model: MPTForCausalLM,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    eos_id: int | None,
+    valid_vocab: int | None = None,
+    pad_id: int = 0,
+    use_cache: bool = True,
+) -> Iterator[torch.Tensor]:
     """Yield (B,) next-token ids, one step at a time, until every row hit EOS or max_new_tokens.
 
     valid_vocab: ids at or above it (the padded part of the vocab) are never sampled. A row that
@@ -133,15 +141,16 @@ class _RowText:
 
     def take_printable(self, final: bool) -> str:
         end = len(self.text) if (final or self.done) else max(self.printed, len(self.text) - self.holdback)
-        piece, self.printed = self.text[self.printed:end], end
+        piece, self.printed = self.text[self.printed : end], end
         return piece
 
 
 def stream(model: MPTForCausalLM, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
     """Yield the completion of `prompt` as text pieces, as soon as they are final."""
     row = _RowText(tokenizer, params.stop)
-    for token in generate_ids(model, [tokenizer.encode(prompt)], params, tokenizer.eos_id,
-                              tokenizer.vocab_size, tokenizer.pad_id):
+    for token in generate_ids(
+        model, [tokenizer.encode(prompt)], params, tokenizer.eos_id, tokenizer.vocab_size, tokenizer.pad_id
+    ):
         if token.item() == tokenizer.eos_id:
             break
         row.push(int(token.item()))
@@ -159,8 +168,9 @@ def generate(model: MPTForCausalLM, tokenizer: Tokenizer, prompts: list[str], pa
     """Completions for a batch of prompts (any lengths), in order."""
     rows = [_RowText(tokenizer, params.stop) for _ in prompts]
     ended = [False] * len(prompts)
-    for tokens in generate_ids(model, tokenizer.encode_batch(prompts), params, tokenizer.eos_id,
-                               tokenizer.vocab_size, tokenizer.pad_id):
+    for tokens in generate_ids(
+        model, tokenizer.encode_batch(prompts), params, tokenizer.eos_id, tokenizer.vocab_size, tokenizer.pad_id
+    ):
         for i, token in enumerate(tokens.tolist()):
             if ended[i] or token == tokenizer.eos_id:
                 ended[i] = True

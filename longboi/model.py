@@ -83,8 +83,8 @@ class KVCache:
         if self.keys is None or end > self.keys.shape[3]:
             self._grow(k, max(end, 2 * (self.keys.shape[3] if self.keys is not None else self.capacity)))
         assert self.keys is not None and self.values is not None
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
+        self.keys[layer, :, :, self.length : end] = k
+        self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def _grow(self, like: torch.Tensor, capacity: int) -> None:
@@ -109,8 +109,15 @@ class AttentionMask:
     other). Queries are the last `q_len` of the `k_len` positions (the rest are in the KV cache).
     """
 
-    def __init__(self, q_len: int, k_len: int, slopes: torch.Tensor | None, device: torch.device,
-                 key_valid: torch.Tensor | None = None, sequence_id: torch.Tensor | None = None):
+    def __init__(
+        self,
+        q_len: int,
+        k_len: int,
+        slopes: torch.Tensor | None,
+        device: torch.device,
+        key_valid: torch.Tensor | None = None,
+        sequence_id: torch.Tensor | None = None,
+    ):
         self.q_len, self.k_len, self.past = q_len, k_len, k_len - q_len
         self.slopes = slopes.to(device) if slopes is not None else None  # (H,)
         self.key_valid = key_valid  # (B, Tk) bool
@@ -118,7 +125,9 @@ class AttentionMask:
         self.key_pos = torch.arange(k_len, device=device)
         # Key-only ALiBi, slope * (j - (Tk-1)): under a causal mask it differs from MPT's relative
         # bias slope * (j - i) by a per-row constant, which softmax ignores.
-        self.key_bias = None if slopes is None else (self.slopes[:, None] * (self.key_pos - (k_len - 1))).view(1, -1, 1, k_len)
+        self.key_bias = (
+            None if slopes is None else (self.slopes[:, None] * (self.key_pos - (k_len - 1))).view(1, -1, 1, k_len)
+        )
 
     @property
     def simple(self) -> bool:
@@ -130,7 +139,7 @@ class AttentionMask:
         q_pos = self.past + torch.arange(start, end, device=self.key_pos.device)
         allowed = (self.key_pos[None, :] <= q_pos[:, None])[None]  # (1, c, Tk)
         if self.sequence_id is not None:
-            sid_q = self.sequence_id[:, self.past + start: self.past + end]
+            sid_q = self.sequence_id[:, self.past + start : self.past + end]
             allowed = allowed & (sid_q[:, :, None] == self.sequence_id[:, None, :])  # (B, c, Tk)
         if self.key_valid is not None:  # a padded query still sees itself, so no row is all -inf (NaN)
             allowed = allowed & (self.key_valid[:, None, :] | (self.key_pos[None, :] == q_pos[:, None]))
@@ -145,30 +154,37 @@ class AttentionMask:
         return [(s, min(s + rows, self.q_len)) for s in range(0, self.q_len, rows)]
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
-                   dropout_p: float) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout_p: float
+) -> torch.Tensor:
     """(B, H, Tq, D) x (B, Hkv, Tk, D) -> (B, H, Tq, D) through torch's fused SDPA kernels."""
     gqa = q.shape[1] != k.shape[1]
     key_bias = mask.key_bias
     if key_bias is not None and q.device.type != "cpu":
         key_bias = key_bias.to(q.dtype)  # GPU kernels want the mask in the query dtype; CPU takes fp32
     if mask.simple and mask.q_len == mask.k_len:  # training / fresh prefill: no (T x T) tensor at all
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout_p, is_causal=True,
-                                              scale=scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_bias, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
+        )
     if mask.simple and mask.q_len == 1:  # decoding one token: it sees every cached key
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias, dropout_p=dropout_p, scale=scale,
-                                              enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+        )
     out = []
     for start, end in mask.row_chunks(q.shape[0], q.shape[1]):
         bias = mask.bias(start, end)
         bias = bias if q.device.type == "cpu" else bias.to(q.dtype)
-        out.append(F.scaled_dot_product_attention(q[:, :, start:end], k, v, attn_mask=bias, dropout_p=dropout_p,
-                                                  scale=scale, enable_gqa=gqa))
+        out.append(
+            F.scaled_dot_product_attention(
+                q[:, :, start:end], k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
+            )
+        )
     return torch.cat(out, dim=2)
 
 
-def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
-                    dropout_p: float) -> torch.Tensor:
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout_p: float
+) -> torch.Tensor:
     """Reference: materializes the (B, H, Tq, Tk) scores in fp32. For tests and debugging."""
     if q.shape[1] != k.shape[1]:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -178,14 +194,22 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Att
     return probs.to(v.dtype) @ v
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float,
-                    dropout_p: float) -> torch.Tensor:
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout_p: float
+) -> torch.Tensor:
     """flash-attn 2 on CUDA (ALiBi via alibi_slopes; causal aligned bottom-right for the KV cache)."""
     from flash_attn import flash_attn_func  # optional dependency, CUDA only
 
     slopes = mask.slopes.float() if mask.slopes is not None else None
-    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p,
-                          softmax_scale=scale, causal=True, alibi_slopes=slopes)  # (B, Tq, H, D)
+    out = flash_attn_func(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        dropout_p=dropout_p,
+        softmax_scale=scale,
+        causal=True,
+        alibi_slopes=slopes,
+    )  # (B, Tq, H, D)
     return out.transpose(1, 2)
 
 
@@ -247,7 +271,9 @@ class MPTBlock(nn.Module):
         self.resid_attn_dropout = nn.Dropout(cfg.resid_pdrop)
         self.resid_ffn_dropout = nn.Dropout(cfg.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), mask, cache, layer))
         return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
 
@@ -263,8 +289,13 @@ class MPTModel(nn.Module):
         self.blocks = nn.ModuleList(MPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = build_norm(cfg, cfg.d_model)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                sequence_id: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        sequence_id: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d) final hidden states.
 
         attention_mask: (B, past + T), 1 for real tokens, 0 for padding. sequence_id: (B, past + T)
@@ -275,8 +306,10 @@ class MPTModel(nn.Module):
         x = self.wte(input_ids)  # (B, T, d)
         if self.cfg.learned_pos_emb:
             if past + T > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len {self.cfg.max_seq_len} "
-                                 "(learned position embeddings cannot extrapolate; ALiBi models can)")
+                raise ValueError(
+                    f"sequence of {past + T} tokens exceeds max_seq_len {self.cfg.max_seq_len} "
+                    "(learned position embeddings cannot extrapolate; ALiBi models can)"
+                )
             x = x + self.wpe(torch.arange(past, past + T, device=x.device))
         if self.cfg.embedding_fraction < 1:  # scales the embedding gradient only (GLM-130B's trick)
             f = self.cfg.embedding_fraction
@@ -303,9 +336,14 @@ class MPTForCausalLM(nn.Module):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init_module)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                sequence_id: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        sequence_id: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
         """(B, T) ids -> (B, T, vocab) logits; only the last `logits_to_keep` positions if > 0."""
         h = self.transformer(input_ids, attention_mask, sequence_id, cache)
         if logits_to_keep:

@@ -87,8 +87,10 @@ class Tokenizer:
     def check_fits(self, model_vocab_size: int) -> None:
         """Every id the tokenizer produces must index the model's embedding table."""
         if self.vocab_size > model_vocab_size:
-            raise UserError(f"tokenizer {self.path} has {self.vocab_size} ids but the model's vocab_size is "
-                            f"{model_vocab_size}; use vocab_size >= {padded_vocab_size(self.vocab_size)}")
+            raise UserError(
+                f"tokenizer {self.path} has {self.vocab_size} ids but the model's vocab_size is "
+                f"{model_vocab_size}; use vocab_size >= {padded_vocab_size(self.vocab_size)}"
+            )
 
     def save(self, directory: Path) -> None:
         """Write tokenizer.json plus a tokenizer_config.json naming eos/pad, so HF AutoTokenizer works too."""
@@ -118,7 +120,7 @@ class StreamDecoder:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):  # incomplete character: wait for the next token
             return ""
-        piece, self.emitted = text[self.emitted:], len(text)
+        piece, self.emitted = text[self.emitted :], len(text)
         return piece
 
     def text(self) -> str:

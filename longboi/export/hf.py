@@ -45,8 +45,10 @@ def hf_unsupported(cfg: ModelConfig) -> list[str]:
 def check_hf_representable(cfg: ModelConfig) -> None:
     problems = hf_unsupported(cfg)
     if problems:
-        raise UserError("this model cannot be exported to transformers' MptForCausalLM, which does not support: "
-                        + "; ".join(problems))
+        raise UserError(
+            "this model cannot be exported to transformers' MptForCausalLM, which does not support: "
+            + "; ".join(problems)
+        )
 
 
 def export_hf(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
