@@ -15,7 +15,7 @@ import torch
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import StreamDecoder, Tokenizer
 
-PREFILL_CHUNK = 2048  # prompt tokens per forward during prefill: bounds activation memory
+PREFILL_CHUNK = 2048  # prompt tokens per forward when prompts are padded: bounds the bias memory
 
 
 @dataclass(frozen=True)
@@ -114,9 +114,13 @@ def generate_ids(
 
 
 def _prefill(model: MPTForCausalLM, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
-    """Run the prompt, in chunks when there is a cache; return (B, V) logits of the last position."""
-    if cache is None:
-        return model(ids, attention_mask=mask, logits_to_keep=1)[:, -1]
+    """Run the prompt and return (B, V) logits of its last position.
+
+    Unpadded prompts go in one forward: the causal fast path builds no (T x T) tensor at any
+    length. Padded batches need an explicit bias per query row, so they go in chunks.
+    """
+    if cache is None or bool(mask.all()):
+        return model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
     for start in range(0, ids.shape[1], PREFILL_CHUNK):
         end = min(start + PREFILL_CHUNK, ids.shape[1])
         logits = model(ids[:, start:end], attention_mask=mask[:, :end], cache=cache, logits_to_keep=1)

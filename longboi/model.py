@@ -159,14 +159,17 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """(B, H, Tq, D) x (B, Hkv, Tk, D) -> (B, H, Tq, D) through torch's fused SDPA kernels."""
     gqa = q.shape[1] != k.shape[1]
-    key_bias = mask.key_bias
-    if key_bias is not None and q.device.type != "cpu":
-        key_bias = key_bias.to(q.dtype)  # GPU kernels want the mask in the query dtype; CPU takes fp32
-    if mask.simple and mask.q_len == mask.k_len:  # training / fresh prefill: no (T x T) tensor at all
+    fresh = mask.simple and mask.q_len == mask.k_len  # training / prefill with an empty cache
+    if fresh and mask.key_bias is None:  # no ALiBi: plain causal attention
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
+    # Only the CPU flash kernel takes a mask together with is_causal; the math fallback (used for
+    # dropout) and the GPU kernels refuse it, so they take the explicit path below.
+    if fresh and q.device.type == "cpu" and dropout_p == 0:  # no (T x T) tensor at all
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_bias, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa
+            q, k, v, attn_mask=mask.key_bias, is_causal=True, scale=scale, enable_gqa=gqa
         )
     if mask.simple and mask.q_len == 1:  # decoding one token: it sees every cached key
+        key_bias = mask.key_bias if mask.key_bias is None or q.is_cpu else mask.key_bias.to(q.dtype)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=key_bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
         )

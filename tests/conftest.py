@@ -1,0 +1,31 @@
+"""Shared fixtures: paths to the real data in ../shared/data and small model configs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from longboi.config import ModelConfig
+from longboi.model import MPTForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+
+
+def small_config(**changes) -> ModelConfig:
+    """A 2-layer model that runs in milliseconds; vocab large enough for the NeoX tokenizer."""
+    base = dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=50432)
+    return ModelConfig(**{**base, **changes})
+
+
+def build(cfg: ModelConfig, seed: int = 0) -> MPTForCausalLM:
+    torch.manual_seed(seed)
+    return MPTForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> Path:
+    if not TOKENIZER.is_file():
+        pytest.fail(f"shared data missing: {TOKENIZER} (the repo expects ../shared/data beside it)")
+    return TOKENIZER
