@@ -96,11 +96,18 @@ class _AtomicDir:
 
 
 def save_checkpoint(
-    model: torch.nn.Module, directory: str | Path, tokenizer: Tokenizer | None = None, dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    directory: str | Path,
+    tokenizer: Tokenizer | None = None,
+    dtype: torch.dtype | None = None,
+    config: ModelConfig | None = None,
 ) -> Path:
-    """Write model (+ tokenizer) as a checkpoint directory, atomically. `dtype` casts the weights."""
+    """Write model (+ tokenizer) as a checkpoint directory, atomically. `dtype` casts the weights.
+
+    `config` overrides the config written (it must describe the same weights, e.g. dropout zeroed).
+    """
     model = unwrap(model)
-    cfg = model.config
+    cfg = config or model.config
     state = clean_state_dict(model.state_dict())
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # safetensors stores no aliases; loaders re-tie

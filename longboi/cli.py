@@ -141,7 +141,7 @@ def generate(
     return "".join(pieces)
 
 
-def convert(src: str, to: Literal["hf", "longboi"], dst: str, allow_pickle: bool = False) -> Path:
+def convert(src: str, dst: str, *, to: Literal["hf", "longboi"], allow_pickle: bool = False) -> Path:
     """Convert a checkpoint between longboi and Hugging Face transformers' MPT.
 
     Args:

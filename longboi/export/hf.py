@@ -5,12 +5,15 @@ compute, established by tests/test_hf.py against the installed transformers, not
 - the MLP width is hard-coded to 4 * d_model (expansion_ratio is read but ignored);
 - ALiBi is always on, always with alibi_bias_max 8 (learned position embeddings are never added);
 - Linear layers and LayerNorms never have biases; LayerNorm is the only norm;
-- attention is multi-head only (no GQA/MQA), with no QK-LayerNorm and no logit_scale.
-Such configs are refused by `export_hf` with an error naming each feature.
+- attention is multi-head only (no GQA/MQA), with no QK-LayerNorm and no logit_scale;
+- its config refuses a fractional attn_pdrop outright (typed int in transformers 5.x).
+Such configs are refused by `export_hf` with an error naming each feature, except dropout: an
+export is for inference, where dropout does nothing, so it is written as 0 (and said so).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from longboi.checkpoint import load_model, load_tokenizer, save_checkpoint
@@ -39,6 +42,8 @@ def hf_unsupported(cfg: ModelConfig) -> list[str]:
         problems.append("norm_type=rmsnorm (HF MPT uses LayerNorm)")
     if cfg.logit_scale is not None:
         problems.append(f"logit_scale={cfg.logit_scale} (HF MPT does not scale logits)")
+    if cfg.attn_pdrop != 0:
+        problems.append(f"attn_pdrop={cfg.attn_pdrop} (HF's MptConfig only accepts an int)")
     return problems
 
 
@@ -54,8 +59,12 @@ def check_hf_representable(cfg: ModelConfig) -> None:
 def export_hf(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
     """Write a directory `transformers.MptForCausalLM.from_pretrained(dst)` loads with identical logits."""
     model = load_model(src, allow_pickle=allow_pickle)
-    check_hf_representable(model.config)
-    return save_checkpoint(model, dst, load_tokenizer(src))
+    cfg = model.config
+    if cfg.attn_pdrop or cfg.resid_pdrop or cfg.emb_pdrop:
+        print("note: dropout is training-only; the HF export sets attn/resid/emb_pdrop to 0", file=sys.stderr)
+        cfg = cfg.replace(attn_pdrop=0.0, resid_pdrop=0.0, emb_pdrop=0.0)
+    check_hf_representable(cfg)
+    return save_checkpoint(model, dst, load_tokenizer(src), config=cfg)
 
 
 def import_checkpoint(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
