@@ -205,16 +205,13 @@ def _unwrap_optional(tp) -> type:
 
 def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
     summary, docs = _arg_docs(fn)
-    parser = sub.add_parser(
-        fn.__name__,
-        help=summary.splitlines()[0],
-        description=summary,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = sub.add_parser(fn.__name__, help=summary.splitlines()[0], description=summary)
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
         tp = _unwrap_optional(hints[name])
         kwargs: dict = {"help": docs.get(name, "")}
+        if param.default not in (inspect.Parameter.empty, None, False):
+            kwargs["help"] += f" (default: {param.default})"
         if typing.get_origin(tp) is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
         elif typing.get_origin(tp) is list:

@@ -1,8 +1,10 @@
 """Tokenizer: any HF `tokenizer.json`, its special tokens, and the model's padded vocabulary.
 
-MPT pads the embedding table up to a multiple of 128 (GPT-NeoX-20B: 50,277 ids -> 50,432) so the
-LM-head matmul tiles well on GPUs; the extra rows are never produced by the tokenizer and are masked
-out when sampling.
+The model's embedding table is padded past the tokenizer's ids to a multiple of 128 so the LM-head
+matmul tiles well on GPUs; the extra rows are never produced by the tokenizer and are masked out
+when sampling. For GPT-NeoX-20B's 50,277 ids MPT uses 50,432 (= 394 * 128, inherited from
+GPT-NeoX's own padding to 256 for 2-way tensor parallelism): the presets keep it so published MPT
+checkpoints load; `padded_vocab_size` gives the smallest multiple of 128 (50,304) for new models.
 """
 
 from __future__ import annotations

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from conftest import build, small_config
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from longboi.generate import SamplingParams, generate, generate_ids, process_logits, stream
+from longboi.tokenizer import Tokenizer
+
+PROMPTS = [[5, 17, 300, 42, 9, 81, 7], [1000], [77, 66, 55, 44]]
+
+
+def run(model, prompts, params, use_cache=True, **kw):
+    return torch.stack(list(generate_ids(model, prompts, params, eos_id=None, use_cache=use_cache, **kw)), dim=1)
+
+
+@pytest.mark.parametrize("knobs", [{}, dict(attn_type="grouped_query_attention", kv_n_heads=2)], ids=str)
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_new_tokens=20, temperature=0),
+        SamplingParams(max_new_tokens=20, temperature=1.3, top_k=40, seed=7),
+    ],
+    ids=str,
+)
+def test_cached_decoding_equals_recomputing(knobs, params):
+    model = build(small_config(**knobs), seed=2)
+    assert torch.equal(run(model, PROMPTS, params), run(model, PROMPTS, params, use_cache=False))
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one():
+    model = build(small_config(), seed=2)
+    params = SamplingParams(max_new_tokens=15, temperature=0)
+    batched = run(model, PROMPTS, params)
+    for row, prompt in enumerate(PROMPTS):
+        assert torch.equal(batched[row], run(model, [prompt], params)[0])
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = build(small_config(), seed=2)
+    sample = SamplingParams(max_new_tokens=20, temperature=1.0, seed=3)
+    assert torch.equal(run(model, PROMPTS, sample), run(model, PROMPTS, sample))
+    other = SamplingParams(max_new_tokens=20, temperature=1.0, seed=4)
+    assert not torch.equal(run(model, PROMPTS, sample), run(model, PROMPTS, other))
+    greedy = run(model, PROMPTS, SamplingParams(max_new_tokens=20, temperature=0))
+    assert torch.equal(run(model, PROMPTS, SamplingParams(max_new_tokens=20, top_k=1, seed=5)), greedy)
+    assert torch.equal(run(model, PROMPTS, SamplingParams(max_new_tokens=20, top_p=1e-6, seed=5)), greedy)
+
+
+@pytest.mark.parametrize(
+    "penalty, temperature, top_k, top_p",
+    [(1.3, 0.7, 50, 0.9), (1.0, 1.5, None, 0.5), (0.8, 1.0, 5, None), (1.1, 0.9, None, None)],
+)
+def test_logit_processing_matches_transformers(penalty, temperature, top_k, top_p):
+    g = torch.Generator().manual_seed(0)
+    logits, context = torch.randn(3, 1000, generator=g) * 3, torch.randint(0, 1000, (3, 30), generator=g)
+    ours = process_logits(
+        logits, context, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    )
+    theirs = logits.clone()
+    for proc in (
+        [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)]
+        + ([TopKLogitsWarper(top_k)] if top_k else [])
+        + ([TopPLogitsWarper(top_p)] if top_p else [])
+    ):
+        theirs = proc(context, theirs)
+    assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+    finite = torch.isfinite(ours)
+    assert torch.allclose(ours[finite], theirs[finite], atol=1e-5)
+
+
+def test_padded_vocab_ids_are_never_generated():
+    model = build(small_config(tie_word_embeddings=False))
+    with torch.no_grad():  # make the padded rows (>= 50277) win every argmax unless they are masked
+        model.lm_head.weight.zero_()
+        direction = torch.randn(model.config.d_model)
+        model.lm_head.weight[50300], model.lm_head.weight[50301] = direction * 10, -direction * 10
+    params = SamplingParams(max_new_tokens=5, temperature=0)
+    assert run(model, PROMPTS, params).max() >= 50277
+    assert run(model, PROMPTS, params, valid_vocab=50277).max() < 50277
+
+
+def test_eos_stops_a_row_and_finished_rows_emit_eos():
+    model = build(small_config(), seed=2)
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    free = run(model, PROMPTS, params)
+    eos = int(free[0, 3])  # pretend row 0's 4th token is EOS
+    steps = list(generate_ids(model, PROMPTS, params, eos_id=eos))
+    tokens = torch.stack(steps, dim=1)
+    assert (tokens[0, 3:] == eos).all()
+    if len(steps) < 30:  # everyone stopped early only if every row produced it
+        assert all((row == eos).any() for row in tokens)
+
+
+def test_text_generation_stop_strings_and_streaming(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    model = build(small_config(), seed=4)
+    params = SamplingParams(max_new_tokens=40, temperature=0)
+    full = generate(model, tok, ["Once upon a time"], params)[0]
+    assert full and "".join(stream(model, tok, "Once upon a time", params)) == full
+    stop = full[10:14]
+    cut = generate(model, tok, ["Once upon a time"], SamplingParams(max_new_tokens=40, temperature=0, stop=(stop,)))
+    assert cut[0] == full[: full.index(stop)]
+    pieces = list(
+        stream(model, tok, "Once upon a time", SamplingParams(max_new_tokens=40, temperature=0, stop=(stop,)))
+    )
+    assert "".join(pieces) == cut[0]
+    batch = generate(model, tok, ["Once upon a time", "The"], params)
+    assert batch[0] == full and batch[1] == generate(model, tok, ["The"], params)[0]
+
+
+def test_empty_prompt_is_an_error():
+    with pytest.raises(ValueError, match="at least one token"):
+        next(generate_ids(build(small_config()), [[]], SamplingParams(), eos_id=None))
