@@ -120,6 +120,14 @@ def decode(name: str, batch: int, dtype: torch.dtype, repeats: int, new_tokens: 
     return {"ours": tokens / t_ours, "peer": tokens / t_peer, "unit": "tok/s", "shape": f"bs{batch}"}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS. Not ru_maxrss: Linux carries that across exec from the parent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def prefill_worker(impl: str, name: str, length: int) -> dict:
     """Runs in its own process: one prefill, its time and this process's peak RSS."""
     cap = MEMORY_CAP_GIB * 2**30
@@ -128,7 +136,7 @@ def prefill_worker(impl: str, name: str, length: int) -> dict:
         ours, theirs = load_pair(name, max_seq_len=max(length, 2048))
         model = ours if impl == "ours" else theirs
         ids = torch.randint(0, 50000, (1, length))
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        base = peak_rss_mib()
         with torch.no_grad():
             start = time.perf_counter()
             if impl == "ours":
@@ -136,8 +144,8 @@ def prefill_worker(impl: str, name: str, length: int) -> dict:
             else:
                 model(ids, logits_to_keep=1, use_cache=False)
             seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return {"seconds": seconds, "peak_rss_mib": peak / 1024, "added_rss_mib": (peak - base) / 1024}
+        peak = peak_rss_mib()
+        return {"seconds": seconds, "peak_rss_mib": peak, "added_rss_mib": peak - base}
     except (MemoryError, RuntimeError) as e:
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
 

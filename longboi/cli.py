@@ -157,7 +157,66 @@ def convert(src: str, dst: str, *, to: Literal["hf", "longboi"], allow_pickle: b
     return path
 
 
-COMMANDS: list[Callable] = [info, init, generate, convert]
+def prepare(
+    inputs: list[str],
+    *,
+    out: str,
+    tokenizer: str,
+    seq_len: int = 2048,
+    layout: Literal["chunks", "documents"] = "chunks",
+    text_field: str = "text",
+    split_on: str | None = None,
+    val_fraction: float = 0.0,
+    shard_mb: float = 64.0,
+    workers: int = 0,
+    on_bad_input: Literal["error", "skip"] = "error",
+) -> dict:
+    """Tokenize text/jsonl files (also .gz/.zst) into shards for training.
+
+    Args:
+        inputs: files, directories (searched recursively) or globs of .txt/.md/.jsonl files.
+        out: output directory or fsspec URL (s3://..., gs://...); gets train/ (and val/).
+        tokenizer: path to a HF tokenizer.json.
+        seq_len: tokens per sample (chunks layout).
+        layout: chunks (concatenate with EOS, cut into seq_len samples) or documents (one sample per document).
+        text_field: jsonl field holding the text.
+        split_on: split text files into documents at this string (e.g. "<|endoftext|>"); default: one per file.
+        val_fraction: hold out this fraction of each file's tokens (its tail) as the validation split.
+        shard_mb: target shard size in MiB.
+        workers: tokenizer processes (0: one per CPU core).
+        on_bad_input: error (stop at the first bad line) or skip (count, report and go on).
+    """
+    from longboi.data.prepare import prepare as run
+
+    r = run(
+        inputs,
+        out,
+        tokenizer,
+        seq_len=seq_len,
+        layout=layout,
+        text_field=text_field,
+        split_on=split_on,
+        val_fraction=val_fraction,
+        shard_mb=shard_mb,
+        workers=workers,
+        on_bad_input=on_bad_input,
+    )
+    mb = r.bytes_read / 2**20
+    total = sum(r.tokens.values())
+    print(
+        f"prepared {r.files} files, {r.documents} documents, {mb:.1f} MiB in {r.seconds:.1f}s "
+        f"({mb / r.seconds:.1f} MiB/s, {total / r.seconds:,.0f} tokens/s)"
+    )
+    for split in r.tokens:
+        print(f"  {split}: {r.samples[split]:,} samples, {r.tokens[split]:,} tokens -> {out}/{split}")
+    if r.dropped_tail_tokens:
+        print(f"  dropped {r.dropped_tail_tokens} trailing tokens that did not fill a {seq_len}-token sample")
+    if r.skipped:
+        print(f"  skipped {r.skipped} bad inputs, e.g.:", *r.skip_examples[:5], sep="\n    ")
+    return {"tokens": r.tokens, "samples": r.samples, "skipped": r.skipped, "seconds": r.seconds}
+
+
+COMMANDS: list[Callable] = [info, init, generate, convert, prepare]
 
 
 def _config_of(target: str):
@@ -214,8 +273,10 @@ def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
             kwargs["help"] += f" (default: {param.default})"
         if typing.get_origin(tp) is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
+        elif typing.get_origin(tp) is list and param.default is inspect.Parameter.empty:
+            kwargs.update(type=typing.get_args(tp)[0], nargs="+")  # positional list: one or more
         elif typing.get_origin(tp) is list:
-            kwargs.update(type=typing.get_args(tp)[0], action="append")
+            kwargs.update(type=typing.get_args(tp)[0], action="append")  # option list: repeat the flag
         elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:

@@ -89,8 +89,8 @@ class KVCache:
 
     def _grow(self, like: torch.Tensor, capacity: int) -> None:
         b, h, _, d = like.shape
-        keys = like.new_zeros(self.n_layers, b, h, capacity, d)
-        values = like.new_zeros(self.n_layers, b, h, capacity, d)
+        keys = like.new_empty(self.n_layers, b, h, capacity, d)  # positions >= length are never read
+        values = like.new_empty(self.n_layers, b, h, capacity, d)
         if self.keys is not None and self.values is not None:
             keys[..., : self.length, :] = self.keys[..., : self.length, :]
             values[..., : self.length, :] = self.values[..., : self.length, :]
@@ -168,11 +168,8 @@ def sdpa_attention(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask.key_bias, is_causal=True, scale=scale, enable_gqa=gqa
         )
-    if mask.simple and mask.q_len == 1:  # decoding one token: it sees every cached key
-        key_bias = mask.key_bias if mask.key_bias is None or q.is_cpu else mask.key_bias.to(q.dtype)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-        )
+    if mask.simple and mask.q_len == 1 and dropout_p == 0:  # decoding one token: it sees every cached key
+        return decode_attention(q, k, v, mask.key_bias, scale)
     out = []
     for start, end in mask.row_chunks(q.shape[0], q.shape[1]):
         bias = mask.bias(start, end)
@@ -183,6 +180,23 @@ def sdpa_attention(
             )
         )
     return torch.cat(out, dim=2)
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One query row per sequence: two small matmuls beat a fused kernel's per-call setup here.
+
+    Query heads are grouped under their shared key/value head (a view, not a copy) for GQA/MQA.
+    """
+    B, H, _, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, T)
+    if key_bias is not None:
+        scores = scores + key_bias.view(1, Hkv, H // Hkv, T)
+    probs = scores.softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).view(B, H, 1, D)  # (B, H, 1, D)
 
 
 def eager_attention(

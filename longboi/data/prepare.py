@@ -1,0 +1,325 @@
+"""`longboi prepare`: text / jsonl (optionally .gz / .zst) -> tokenized shards (see `shards.py`).
+
+Documents are read in the main process (so errors can name file and line), tokenized in a pool of
+worker processes in order, joined with EOS and cut into `seq_len` samples (`chunks`) or kept whole
+(`documents`). The validation split is the last `val_fraction` of each input file (nanoGPT-style: a
+contiguous held-out tail, so no validation text sits between training samples of the same file).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from longboi.data.shards import Layout, ShardWriter
+from longboi.errors import UserError
+from longboi.tokenizer import Tokenizer
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+JSONL_SUFFIXES = (".jsonl", ".json")
+COMPRESSED = (".gz", ".zst")
+BATCH_CHARS = 1 << 21  # text per tokenization job: large enough to amortize IPC, small enough to stream
+OnBadInput = Literal["error", "skip"]
+
+
+@dataclass
+class Document:
+    file: str
+    line: int
+    text: str
+
+
+@dataclass
+class PrepareReport:
+    files: int = 0
+    documents: int = 0
+    bytes_read: int = 0
+    skipped: int = 0
+    skip_examples: list[str] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, int] = field(default_factory=dict)
+    dropped_tail_tokens: int = 0
+    seconds: float = 0.0
+
+    def skip(self, reason: str) -> None:
+        self.skipped += 1
+        if len(self.skip_examples) < 10:
+            self.skip_examples.append(reason)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files, directories (searched recursively) and globs -> a sorted, de-duplicated file list."""
+    found: list[Path] = []
+    for item in inputs:
+        matches = [Path(p) for p in sorted(glob.glob(item, recursive=True))] or [Path(item)]
+        for path in matches:
+            if path.is_dir():
+                found += sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+            elif path.is_file():
+                if _kind(path) is None:
+                    raise UserError(
+                        f"{path}: unsupported input type (use {TEXT_SUFFIXES + JSONL_SUFFIXES}, "
+                        f"optionally {COMPRESSED})"
+                    )
+                found.append(path)
+            else:
+                raise UserError(f"input not found: {item}")
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise UserError(f"no input files found in {inputs}")
+    return unique
+
+
+def _kind(path: Path) -> str | None:
+    suffixes = path.suffixes[-2:] if path.suffix in COMPRESSED else path.suffixes[-1:]
+    base = suffixes[0] if suffixes else ""
+    return "text" if base in TEXT_SUFFIXES else "jsonl" if base in JSONL_SUFFIXES else None
+
+
+def _open_binary(path: Path) -> IO[bytes]:
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    if path.suffix == ".zst":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+    return open(path, "rb")
+
+
+def iter_documents(
+    path: Path, text_field: str, split_on: str | None, on_bad: OnBadInput, report: PrepareReport
+) -> Iterator[Document]:
+    """The documents of one file, with bad input raised or counted (file:line in both cases)."""
+    with _open_binary(path) as raw:
+        if _kind(path) == "jsonl":
+            yield from _jsonl_documents(path, raw, text_field, on_bad, report)
+        else:
+            data = raw.read()
+            report.bytes_read += len(data)
+            text = _decode(data, path, on_bad, report)
+            if text is not None:
+                pieces = text.split(split_on) if split_on else [text]
+                for piece in pieces:
+                    if piece.strip():
+                        yield Document(str(path), 1, piece.strip("\n") if split_on else piece)
+
+
+def _decode(data: bytes, path: Path, on_bad: OnBadInput, report: PrepareReport, line: int | None = None) -> str | None:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = line if line is not None else data[: e.start].count(b"\n") + 1
+        return _bad(f"{path}:{at}: invalid UTF-8 (byte {data[e.start]:#04x})", on_bad, report)
+
+
+def _bad(reason: str, on_bad: OnBadInput, report: PrepareReport) -> None:
+    if on_bad == "error":
+        raise UserError(reason + " (use --on-bad-input skip to count and skip such input)")
+    report.skip(reason)
+    return None
+
+
+def _jsonl_documents(
+    path: Path, raw: IO[bytes], text_field: str, on_bad: OnBadInput, report: PrepareReport
+) -> Iterator[Document]:
+    for number, line_bytes in enumerate(io.BufferedReader(raw) if not hasattr(raw, "peek") else raw, start=1):
+        report.bytes_read += len(line_bytes)
+        if not line_bytes.strip():
+            continue
+        line = _decode(line_bytes, path, on_bad, report, number)
+        if line is None:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            _bad(f"{path}:{number}: invalid JSON ({e.msg})", on_bad, report)
+            continue
+        text = row.get(text_field) if isinstance(row, dict) else None
+        if not isinstance(text, str):
+            keys = list(row) if isinstance(row, dict) else type(row).__name__
+            _bad(f"{path}:{number}: no string field {text_field!r} (has {keys}; set --text-field)", on_bad, report)
+            continue
+        yield Document(str(path), number, text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenization in worker processes. Each worker loads the tokenizer once.
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker_tokenizer = Tokenizer(tokenizer_path)
+
+
+def _tokenize(texts: list[str]) -> list[np.ndarray]:
+    assert _worker_tokenizer is not None
+    return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tokenizer.encode_batch(texts)]
+
+
+def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc.text)
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class _Splitter:
+    """Routes one file's tokenized documents: the file's last `val_fraction` of tokens go to validation."""
+
+    def __init__(self, val_fraction: float, eos_id: int | None):
+        self.val_fraction, self.eos = val_fraction, eos_id
+        self.docs: list[np.ndarray] = []
+
+    def add(self, ids: np.ndarray) -> None:
+        self.docs.append(np.append(ids, self.eos).astype(np.uint32) if self.eos is not None else ids)
+
+    def split(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        docs, self.docs = self.docs, []
+        if self.val_fraction <= 0 or not docs:
+            return docs, []
+        total = sum(len(d) for d in docs)
+        want = int(round(total * self.val_fraction))
+        if len(docs) == 1:  # a single document (one big text file): split its token stream
+            cut = len(docs[0]) - want
+            return [docs[0][:cut]], [docs[0][cut:]]
+        val, taken = [], 0
+        while docs and taken < want and len(docs) > 1:
+            val.insert(0, docs.pop())
+            taken += len(val[0])
+        return docs, val
+
+
+class _Chunker:
+    """Concatenate token arrays and emit fixed `seq_len` samples (LLM Foundry's concat-and-chunk)."""
+
+    def __init__(self, writer: ShardWriter, seq_len: int):
+        self.writer, self.seq_len = writer, seq_len
+        self.buffer = np.zeros(0, dtype=np.uint32)
+
+    def add(self, ids: np.ndarray) -> None:
+        self.buffer = np.concatenate([self.buffer, ids])
+        n = len(self.buffer) // self.seq_len
+        for i in range(n):
+            self.writer.add(self.buffer[i * self.seq_len : (i + 1) * self.seq_len])
+        self.buffer = self.buffer[n * self.seq_len :]
+
+
+def prepare(
+    inputs: list[str],
+    out: str,
+    tokenizer: str,
+    seq_len: int = 2048,
+    layout: Layout = "chunks",
+    text_field: str = "text",
+    split_on: str | None = None,
+    val_fraction: float = 0.0,
+    shard_mb: float = 64.0,
+    workers: int = 0,
+    on_bad_input: OnBadInput = "error",
+    max_doc_tokens: int | None = None,
+) -> PrepareReport:
+    """Tokenize text/jsonl files into shards under `out` (a local path or fsspec URL): `out/train`, `out/val`."""
+    if seq_len < 2:
+        raise UserError(f"seq_len must be at least 2, got {seq_len}")
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    tok = Tokenizer(tokenizer)
+    files = expand_inputs(inputs)
+    report = PrepareReport(files=len(files))
+    local_out, remote = _local_output(out)
+    splits = ["train", "val"] if val_fraction > 0 else ["train"]
+    shard_bytes = int(shard_mb * 2**20)
+    writers = {s: ShardWriter(local_out / s, layout, seq_len, tok.vocab_size, shard_bytes) for s in splits}
+    chunkers = {s: _Chunker(w, seq_len) for s, w in writers.items()}
+    start = time.perf_counter()
+    total_bytes = sum(p.stat().st_size for p in files)
+    workers = workers or os.cpu_count() or 1
+    tokens_seen = 0
+    with (
+        mp.get_context("fork").Pool(workers, _init_worker, (str(tok.path),)) as pool,
+        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True) as bar,
+    ):
+        for path in files:
+            splitter = _Splitter(val_fraction, tok.eos_id)
+            texts = (
+                [d.text for d in batch]
+                for batch in _batches(iter_documents(path, text_field, split_on, on_bad_input, report))
+            )
+            for ids in pool.imap(_tokenize, texts):  # in order, tokenizing ahead while we read
+                for arr in ids:
+                    if max_doc_tokens is not None and len(arr) > max_doc_tokens:
+                        report.skip(f"{path}: a document of {len(arr)} tokens > max_doc_tokens={max_doc_tokens}")
+                        continue
+                    splitter.add(arr)
+                    report.documents += 1
+                    tokens_seen += len(arr)
+            bar.update(path.stat().st_size)
+            bar.set_postfix(tok_s=f"{tokens_seen / max(time.perf_counter() - start, 1e-9):,.0f}")
+            for split, arrays in zip(("train", "val"), splitter.split()):
+                for arr in arrays:
+                    if layout == "chunks":
+                        chunkers[split].add(arr)
+                    else:
+                        writers[split].add(arr)
+    if report.documents == 0:
+        raise UserError(f"no documents found in {inputs} (empty input{', all skipped' if report.skipped else ''})")
+    for split, writer in writers.items():
+        report.dropped_tail_tokens += len(chunkers[split].buffer) if layout == "chunks" else 0
+        index = writer.finish(tok.sha256(), tok.vocab_size, tok.eos_id)
+        report.tokens[split], report.samples[split] = index.total_tokens, index.total_samples
+        if index.total_samples == 0:
+            raise UserError(
+                f"{split} split has no samples: the input has fewer than seq_len={seq_len} tokens "
+                f"(lower seq_len or val_fraction)"
+            )
+    if remote:
+        _upload(local_out, out)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _local_output(out: str) -> tuple[Path, bool]:
+    """Where to write: `out` itself when local, else a temp dir uploaded at the end."""
+    if "://" in out and not out.startswith("file://"):
+        return Path(tempfile.mkdtemp(prefix="longboi-prepare-")), True
+    path = Path(out.removeprefix("file://"))
+    if path.exists() and any(path.iterdir()):
+        for split in ("train", "val"):
+            if (path / split).exists():
+                shutil.rmtree(path / split)
+    return path, False
+
+
+def _upload(local: Path, url: str) -> None:
+    """Copy shards first and each index.json last, so a reader never sees an index without its shards."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    for split_dir in sorted(p for p in local.iterdir() if p.is_dir()):
+        for f in sorted(split_dir.iterdir()):
+            if f.name != "index.json":
+                fs.put_file(str(f), f"{root}/{split_dir.name}/{f.name}")
+        fs.put_file(str(split_dir / "index.json"), f"{root}/{split_dir.name}/index.json")
+    shutil.rmtree(local, ignore_errors=True)
