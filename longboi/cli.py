@@ -183,7 +183,7 @@ def prepare(
         split_on: split text files into documents at this string (e.g. "<|endoftext|>"); default: one per file.
         val_fraction: hold out this fraction of each file's tokens (its tail) as the validation split.
         shard_mb: target shard size in MiB.
-        workers: tokenizer processes (0: one per CPU core).
+        workers: 0: tokenize in-process with the tokenizer's threads (all cores); N: use N processes.
         on_bad_input: error (stop at the first bad line) or skip (count, report and go on).
     """
     from longboi.data.prepare import prepare as run
@@ -202,7 +202,7 @@ def prepare(
         on_bad_input=on_bad_input,
     )
     mb = r.bytes_read / 2**20
-    total = sum(r.tokens.values())
+    total = r.tokens_read
     print(
         f"prepared {r.files} files, {r.documents} documents, {mb:.1f} MiB in {r.seconds:.1f}s "
         f"({mb / r.seconds:.1f} MiB/s, {total / r.seconds:,.0f} tokens/s)"

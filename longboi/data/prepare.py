@@ -8,6 +8,7 @@ contiguous held-out tail, so no validation text sits between training samples of
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import io
@@ -17,7 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
@@ -53,6 +55,7 @@ class PrepareReport:
     tokens: dict[str, int] = field(default_factory=dict)
     samples: dict[str, int] = field(default_factory=dict)
     dropped_tail_tokens: int = 0
+    tokens_read: int = 0
     seconds: float = 0.0
 
     def skip(self, reason: str) -> None:
@@ -173,6 +176,32 @@ def _tokenize(texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=np.uint32) for ids in _worker_tokenizer.encode_batch(texts)]
 
 
+def _encode(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, dtype=np.uint32) for ids in tok.encode_batch(texts)]
+
+
+@contextlib.contextmanager
+def _tokenizer_map(tok: Tokenizer, workers: int) -> Iterator[Callable[[Iterator[list[str]]], Iterator]]:
+    """A function mapping batches of texts to token arrays, in order, one batch ahead of the reader."""
+    if workers > 0:
+        with mp.get_context("fork").Pool(workers, _init_worker, (str(tok.path),)) as pool:
+            yield lambda batches: pool.imap(_tokenize, batches)
+        return
+    with ThreadPoolExecutor(max_workers=1) as executor:  # encode_batch drops the GIL and uses all cores
+
+        def pipelined(batches: Iterator[list[str]]) -> Iterator[list[np.ndarray]]:
+            pending = None
+            for texts in batches:
+                submitted = executor.submit(_encode, tok, texts)
+                if pending is not None:
+                    yield pending.result()
+                pending = submitted
+            if pending is not None:
+                yield pending.result()
+
+        yield pipelined
+
+
 def _batches(docs: Iterator[Document]) -> Iterator[list[Document]]:
     batch, size = [], 0
     for doc in docs:
@@ -255,34 +284,26 @@ def prepare(
     chunkers = {s: _Chunker(w, seq_len) for s, w in writers.items()}
     start = time.perf_counter()
     total_bytes = sum(p.stat().st_size for p in files)
-    workers = workers or os.cpu_count() or 1
-    tokens_seen = 0
     with (
-        mp.get_context("fork").Pool(workers, _init_worker, (str(tok.path),)) as pool,
+        _tokenizer_map(tok, workers) as tokenize,
         tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True) as bar,
     ):
         for path in files:
             splitter = _Splitter(val_fraction, tok.eos_id)
-            texts = (
-                [d.text for d in batch]
-                for batch in _batches(iter_documents(path, text_field, split_on, on_bad_input, report))
-            )
-            for ids in pool.imap(_tokenize, texts):  # in order, tokenizing ahead while we read
+            docs = iter_documents(path, text_field, split_on, on_bad_input, report)
+            for ids in tokenize([d.text for d in batch] for batch in _batches(docs)):
                 for arr in ids:
                     if max_doc_tokens is not None and len(arr) > max_doc_tokens:
                         report.skip(f"{path}: a document of {len(arr)} tokens > max_doc_tokens={max_doc_tokens}")
                         continue
                     splitter.add(arr)
                     report.documents += 1
-                    tokens_seen += len(arr)
+                    report.tokens_read += len(arr)
             bar.update(path.stat().st_size)
-            bar.set_postfix(tok_s=f"{tokens_seen / max(time.perf_counter() - start, 1e-9):,.0f}")
+            bar.set_postfix(tok_s=f"{report.tokens_read / max(time.perf_counter() - start, 1e-9):,.0f}")
             for split, arrays in zip(("train", "val"), splitter.split()):
                 for arr in arrays:
-                    if layout == "chunks":
-                        chunkers[split].add(arr)
-                    else:
-                        writers[split].add(arr)
+                    (chunkers[split] if layout == "chunks" else writers[split]).add(arr)
     if report.documents == 0:
         raise UserError(f"no documents found in {inputs} (empty input{', all skipped' if report.skipped else ''})")
     for split, writer in writers.items():

@@ -1,0 +1,108 @@
+"""Benchmark the data pipeline on the shared Tiny Shakespeare + TinyStories files.
+
+    python bench/data.py [--out bench/results/data.json]
+
+- `prepare` throughput (MiB/s, tokens/s) with 1 and 2 worker processes, against the peer: plain
+  `tokenizers` `encode_batch` (Rust, multi-threaded) on the same documents, no I/O or sharding;
+- loader throughput (samples/s) of StreamLoader over the prepared shards, 0 and 2 workers;
+- time to the first batch when resuming at sample 0 vs deep into the stream (should be flat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+INPUTS = [SHARED / "text" / "tinyshakespeare.txt", SHARED / "text" / "tinystories_valid_head.txt"]
+TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+SPLIT = "\n\n"  # blank-line separated speeches / stories: many documents, so work can be parallel
+
+
+def timed(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from longboi.data.prepare import prepare
+    from longboi.data.stream import StreamingDataset, StreamLoader
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
+    args = parser.parse_args()
+    mib = sum(p.stat().st_size for p in INPUTS) / 2**20
+    docs = [d for p in INPUTS for d in p.read_text().split(SPLIT) if d.strip()]
+    results: dict = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "input_mib": mib}
+    tmp = Path(tempfile.mkdtemp(prefix="longboi-bench-"))
+
+    peer = HFTokenizer.from_file(str(TOKENIZER))
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    t_peer = timed(lambda: peer.encode_batch(docs, add_special_tokens=False))
+    n_tokens = sum(len(e.ids) for e in peer.encode_batch(docs, add_special_tokens=False))
+    results["peer_tokenizers_encode_batch"] = {"seconds": t_peer, "mib_s": mib / t_peer, "tok_s": n_tokens / t_peer}
+    print(f"# data pipeline: {mib:.2f} MiB, {len(docs)} documents, {n_tokens:,} tokens")
+    print(f"{'what':<40}{'seconds':>9}{'MiB/s':>9}{'tokens/s':>12}")
+    print(f"{'peer: tokenizers encode_batch':<40}{t_peer:>9.2f}{mib / t_peer:>9.2f}{n_tokens / t_peer:>12,.0f}")
+    for workers in (0, 1, 2):
+
+        def run(workers=workers):
+            return prepare(
+                [str(p) for p in INPUTS],
+                str(tmp / "ds"),
+                str(TOKENIZER),
+                seq_len=256,
+                split_on=SPLIT,
+                val_fraction=0.05,
+                workers=workers,
+            )
+
+        t = timed(run)
+        results[f"prepare_{workers}proc"] = {
+            "seconds": t,
+            "mib_s": mib / t,
+            "tok_s": n_tokens / t,
+            "vs_peer": t_peer / t,
+        }
+        label = "threads, in-process" if workers == 0 else f"{workers} process(es)"
+        print(
+            f"{'longboi prepare, ' + label:<40}{t:>9.2f}{mib / t:>9.2f}"
+            f"{n_tokens / t:>12,.0f}   ({t_peer / t:.2f}x peer speed)"
+        )
+
+    ds = StreamingDataset(str(tmp / "ds" / "train"), seed=0)
+    for workers in (0, 2):
+        loader = StreamLoader(ds, global_batch=32, micro_batch=32, num_workers=workers, stop=32 * 60)
+        start = time.perf_counter()
+        n = sum(len(b) for b in loader)
+        rate = n / (time.perf_counter() - start)
+        results[f"loader_{workers}workers_samples_s"] = rate
+        print(f"{'loader, ' + str(workers) + ' workers (samples/s)':<40}{rate:>30,.0f}")
+    for position in (0, 32 * 10**6):  # 32M samples in = 8B tokens at seq 256
+        loader = StreamLoader(StreamingDataset(str(tmp / "ds" / "train"), seed=0), 32, 32)
+        loader.load_state_dict({"consumed": position, "seed": 0, "epoch_samples": len(ds)})
+        start = time.perf_counter()
+        next(iter(loader))
+        t = time.perf_counter() - start
+        results[f"resume_at_{position}_first_batch_s"] = t
+        print(f"{'resume at sample ' + format(position, ','):<40}{t:>9.3f}  s to the first batch")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
