@@ -270,9 +270,15 @@ def s3(tmp_path_factory):
             os.environ[k] = v
 
 
-def test_prepare_to_s3_and_stream_with_a_cold_cache(s3, shakespeare, tmp_path, tokenizer_path):
+@pytest.fixture(scope="module")
+def s3_shakespeare(s3, tokenizer_path) -> str:
     url = "s3://longboi-test/shakespeare"
     prepare([str(SHAKESPEARE)], url, str(tokenizer_path), seq_len=64, val_fraction=0.1, shard_mb=0.05)
+    return url
+
+
+def test_prepare_to_s3_and_stream_with_a_cold_cache(s3_shakespeare, shakespeare, tmp_path):
+    url = s3_shakespeare
     cache = CacheConfig(dir=str(tmp_path / "cache"), limit_gb=1.0)
     remote = StreamingDataset(f"{url}/train", seed=2, cache=cache)
     local = StreamingDataset(str(shakespeare / "train"), seed=2)
@@ -291,7 +297,7 @@ print(total)
 """
 
 
-def test_concurrent_readers_share_one_cache(s3, shakespeare, tmp_path):
+def test_concurrent_readers_share_one_cache(s3_shakespeare, shakespeare, tmp_path):
     url = "s3://longboi-test/shakespeare/train"
     procs = [
         subprocess.Popen(
@@ -306,7 +312,7 @@ def test_concurrent_readers_share_one_cache(s3, shakespeare, tmp_path):
     assert not [p for p in (tmp_path / "shared-cache").rglob("*") if ".tmp-" in p.name]
 
 
-def test_cache_size_limit_evicts_old_shards(s3, tmp_path):
+def test_cache_size_limit_evicts_old_shards(s3_shakespeare, tmp_path):
     url = "s3://longboi-test/shakespeare/train"
     shard_bytes = 52_428  # shard_mb=0.05
     ds = StreamingDataset(
@@ -322,3 +328,21 @@ def test_cache_size_limit_evicts_old_shards(s3, tmp_path):
 def test_missing_remote_data_gives_a_clear_error(s3, tmp_path):
     with pytest.raises(UserError, match="dataset index not found: s3://longboi-test/nothing/index.json"):
         StreamingDataset("s3://longboi-test/nothing", cache=CacheConfig(dir=str(tmp_path / "c")))
+
+
+def test_a_bad_remote_shard_is_retried_then_reported(s3_shakespeare, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.copy("longboi-test/shakespeare/train", "longboi-test/broken/train", recursive=True)
+    fs.pipe("longboi-test/broken/train/shard-00000.bin", b"\0" * 52_428)  # right size, wrong bytes
+    ds = StreamingDataset(
+        "s3://longboi-test/broken/train",
+        shuffle=False,
+        cache=CacheConfig(dir=str(tmp_path / "c"), retries=2, prefetch_shards=0),
+    )
+    start = time.perf_counter()
+    with pytest.raises(UserError, match=r"could not download .*shard-00000.bin after 2 attempts.*checksum"):
+        ds[0]
+    assert time.perf_counter() - start >= 0.5  # it backed off before the second attempt
+    assert not list((tmp_path / "c").rglob("shard-00000.bin"))  # nothing unverified entered the cache
