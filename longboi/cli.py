@@ -216,7 +216,67 @@ def prepare(
     return {"tokens": r.tokens, "samples": r.samples, "skipped": r.skipped, "seconds": r.seconds}
 
 
-COMMANDS: list[Callable] = [info, init, generate, convert, prepare]
+def train(config: str) -> dict:
+    """Pretrain (or resume) a model from a YAML run config; add --section.key value to override keys.
+
+    Args:
+        config: the run config YAML (see configs/pretrain/). Any key can be overridden on the command
+            line, e.g. --optimizer.lr 3e-4 --max_duration 200ba --model.n_layers 2.
+    """
+    from longboi.train.config import load_train_config
+    from longboi.train.loop import train as run
+
+    cfg = load_train_config(config, _OVERRIDES)
+    result = run(cfg)
+    if result.final is not None and _is_main_process():
+        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        print(f"trained {result.steps} steps{val}; weights: {result.final}", file=sys.stderr)
+    return {"steps": result.steps, "val_loss": result.val_loss, "final": str(result.final)}
+
+
+def plot(run_dir: str, out: str | None = None) -> Path:
+    """Write loss / learning-rate / throughput curves of a training run to a PNG.
+
+    Args:
+        run_dir: the run directory (holds metrics.jsonl).
+        out: the PNG to write (default: RUN_DIR/curves.png).
+    """
+    from longboi.train.monitor import plot as run
+
+    path = run(run_dir, out)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def export(train_checkpoint: str, out: str, tokenizer: str | None = None) -> Path:
+    """Export a training checkpoint (RUN/checkpoints/step-N) to a weights-only checkpoint directory.
+
+    Args:
+        train_checkpoint: a training checkpoint directory, or a run directory (its newest checkpoint).
+        out: the checkpoint directory to write (config.json + model.safetensors + tokenizer.json).
+        tokenizer: tokenizer.json to include (default: the one the run used).
+    """
+    from longboi.train import state
+
+    src = Path(train_checkpoint)
+    if not (src / "train_state.json").is_file():
+        found = state.checkpoints(src)
+        if not found:
+            raise UserError(f"{src}: neither a training checkpoint nor a run directory with checkpoints")
+        src = found[-1]
+    path = state.export_weights(src, out, tokenizer)
+    print(f"wrote {path} (from {src})", file=sys.stderr)
+    return path
+
+
+COMMANDS: list[Callable] = [info, init, generate, convert, prepare, train, export, plot]
+_OVERRIDES: list[str] = []  # `--section.key value` pairs after a train config (see main)
+
+
+def _is_main_process() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _config_of(target: str):
@@ -300,8 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = vars(build_parser().parse_args(argv))
+    parser = build_parser()
+    namespace, extra = parser.parse_known_args(argv)
+    args = vars(namespace)
     fn = args.pop("_fn")
+    if extra and fn is not train:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _OVERRIDES[:] = extra
     try:
         fn(**args)
     except UserError as e:

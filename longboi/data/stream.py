@@ -419,6 +419,9 @@ class StreamLoader:
             collate_fn=_stack,
             persistent_workers=False,
             prefetch_factor=4 if self.num_workers else None,
+            # Its own generator: a DataLoader otherwise draws its base seed from the global RNG,
+            # shifting the dropout masks of a resumed run.
+            generator=torch.Generator().manual_seed(self.dataset.seed),
         )
         for i, batch in enumerate(loader, start=1):
             if i % self.accum_steps == 0:

@@ -1,0 +1,370 @@
+"""The training loop: one visible function, `train(cfg)`, from config to final checkpoint.
+
+Per optimizer step: set the lr from the schedule; run `accum` micro-batches forward/backward (loss
+averaged over the global batch); clip and measure the grad norm; check for NaN/inf/spikes and
+skip, roll back or stop; step; then log, evaluate and checkpoint at their intervals. Everything a
+resumed run needs (data position, counters, detector window, RNG) is in the checkpoint, so a run
+killed at any point and restarted continues bit-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from longboi.checkpoint import load_model, save_checkpoint, unwrap
+from longboi.config import to_mpt_dict
+from longboi.data.stream import StreamingDataset, StreamLoader
+from longboi.errors import UserError
+from longboi.generate import SamplingParams, generate
+from longboi.model import MPTForCausalLM
+from longboi.plan import model_stats
+from longboi.tokenizer import Tokenizer
+from longboi.train import state as ckpt
+from longboi.train.config import Duration, TrainConfig, parse_duration
+from longboi.train.monitor import Metrics, peak_flops
+from longboi.train.optim import build_optimizer, lr_multiplier, set_lr
+from longboi.train.parallelize import Dist, all_reduce_mean, barrier, init_distributed, parallelize
+
+
+class TrainingStopped(UserError):
+    """The spike defence (action: stop, or too many events) ended the run."""
+
+
+@dataclass
+class Progress:
+    """Counters saved in every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    consumed: int = 0  # global samples handed out (the data position)
+    losses: list[float] = field(default_factory=list)  # the spike detector's window
+    events: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    final: Path | None
+    steps: int
+    val_loss: float | None
+    train_loss: float | None
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Run (or resume) the training described by `cfg`."""
+    d = init_distributed(cfg.device)
+    run = Path(cfg.run_dir)
+    tok = Tokenizer(cfg.tokenizer)
+    model = _build_model(cfg, tok, d)
+    data = StreamingDataset(
+        cfg.data.sources, seed=cfg.data.seed, shuffle_block=cfg.data.shuffle_block, cache=cfg.data.cache
+    )
+    _check_data(data, tok, cfg)
+    per_rank = cfg.global_batch_size // d.world_size
+    micro = cfg.micro_batch_size or find_micro_batch(model, data.seq_len, per_rank, cfg.precision, d)
+    loader = StreamLoader(data, cfg.global_batch_size, micro, d.rank, d.world_size, cfg.data.num_workers)
+    wrapped = parallelize(model, d, cfg.parallel, cfg.precision == "bf16", cfg.activation_checkpointing, cfg.compile)
+    optimizer = build_optimizer(wrapped, cfg.optimizer)
+    tokens_per_step = cfg.global_batch_size * data.seq_len
+    total = parse_duration(cfg.max_duration).steps(tokens_per_step, len(data) / cfg.global_batch_size)
+    warmup = parse_duration(cfg.schedule.warmup).steps(tokens_per_step, len(data) / cfg.global_batch_size, total)
+    save_every = parse_duration(cfg.checkpoint.every, "checkpoint.every")
+    eval_every = parse_duration(cfg.eval.every, "eval.every").steps(
+        tokens_per_step, len(data) / cfg.global_batch_size, total
+    )
+    progress = Progress()
+    latest = ckpt.checkpoints(run)[-1:] if cfg.checkpoint.autoresume else []
+    torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ per rank; a resume restores the saved RNG
+    if latest:
+        progress = Progress(**ckpt.load(latest[0], wrapped, optimizer, d)["progress"])
+        loader.load_state_dict({"consumed": progress.consumed, "seed": data.seed, "epoch_samples": len(data)})
+    elif run.joinpath("checkpoints").is_dir() and ckpt.checkpoints(run) and d.is_main:
+        print(f"note: autoresume is off; {run} has checkpoints, starting from step 0 anyway", file=sys.stderr)
+    metrics = Metrics(run, d.is_main, cfg.log.tensorboard, cfg.log.wandb, dataclasses.asdict(cfg))
+    if d.is_main:
+        _write_run_config(run, cfg, micro, total)
+    flops_per_token = model_stats(cfg.model, data.seq_len).train_flops_per_token
+    peak = peak_flops(d.device, cfg.precision == "bf16", cfg.log.peak_flops) * d.world_size
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    bar = tqdm(
+        total=total,
+        initial=progress.step,
+        desc="train",
+        disable=not (d.is_main and cfg.log.progress),
+        dynamic_ncols=True,
+    )
+    batches, last_save, val_loss, loss = iter(loader), time.monotonic(), None, None
+
+    while progress.step < total:
+        lr = set_lr(optimizer, cfg.optimizer.lr, lr_multiplier(progress.step, total, warmup, cfg.schedule))
+        start = time.perf_counter()
+        loss, grad_norm = train_step(wrapped, optimizer, batches, loader.accum_steps, autocast, cfg.grad_clip, d)
+        event = spike_event(loss, grad_norm, progress.losses, cfg)
+        if event is not None:
+            progress.events += 1
+            metrics.log("event", progress.step, what=event, action=cfg.spike.action, loss=loss, grad_norm=grad_norm)
+            if d.is_main:
+                tqdm.write(f"step {progress.step}: {event} -> {cfg.spike.action}", file=sys.stderr)
+            if cfg.spike.action == "stop" or progress.events > cfg.spike.max_events:
+                raise TrainingStopped(
+                    f"training stopped at step {progress.step}: {event} (event "
+                    f"{progress.events}; see {run / 'metrics.jsonl'})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            progress.consumed = loader.consumed  # the offending batch is skipped either way
+            if cfg.spike.action == "rollback" and ckpt.checkpoints(run):
+                batches = _rollback(run, wrapped, optimizer, loader, progress, d, metrics)
+            continue
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - start
+        progress.step += 1
+        progress.tokens += tokens_per_step
+        progress.consumed = loader.consumed
+        progress.losses = (progress.losses + [loss])[-cfg.spike.window :]
+        tok_s = tokens_per_step / seconds
+        if progress.step % cfg.log.every == 0 or progress.step == total:
+            metrics.log(
+                "train",
+                progress.step,
+                loss=loss,
+                lr=lr,
+                grad_norm=grad_norm,
+                tokens=progress.tokens,
+                tokens_per_s=tok_s,
+                mfu=flops_per_token * tok_s / peak,
+            )
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * flops_per_token * tok_s / peak:.1f}%")
+        bar.update(1)
+        if eval_every and (progress.step % eval_every == 0 or progress.step == total):
+            val_loss = evaluate(wrapped, model, tok, cfg, d, metrics, progress.step, autocast)
+        if _due(save_every, progress.step, last_save, tokens_per_step, len(data) / cfg.global_batch_size, total, d):
+            ckpt.save(run, progress.step, wrapped, optimizer, _train_state(progress, cfg), d, cfg.checkpoint.keep)
+            last_save = time.monotonic()
+    bar.close()
+    final = None
+    if cfg.checkpoint.save_final and progress.step > 0:
+        if not ckpt.checkpoints(run) or ckpt.checkpoints(run)[-1].name != f"step-{progress.step:08d}":
+            ckpt.save(run, progress.step, wrapped, optimizer, _train_state(progress, cfg), d, cfg.checkpoint.keep)
+        final = export_final(wrapped, run / "final", tok, d)
+    metrics.close()
+    barrier(d)
+    return TrainResult(run, final, progress.step, val_loss, loss)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches,
+    accum: int,
+    autocast,
+    grad_clip: float | None,
+    d: Dist,
+) -> tuple[float, float]:
+    """Forward/backward over `accum` micro-batches; returns (mean loss over the global batch, grad norm)."""
+    total = torch.zeros((), device=d.device)
+    for i in range(accum):
+        batch = next(batches).to(d.device, non_blocking=True)
+        inputs, labels = batch[:, :-1], batch[:, 1:]
+        with _no_sync(model, last=i == accum - 1), autocast:
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+        (loss / accum).backward()
+        total += loss.detach() / accum
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
+        norm = norm.full_tensor()
+    return float(all_reduce_mean(total, d)), float(norm)
+
+
+@contextlib.contextmanager
+def _no_sync(model: torch.nn.Module, last: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch (DDP and FSDP2)."""
+    if last:
+        yield
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def spike_event(loss: float, grad_norm: float, window: list[float], cfg: TrainConfig) -> str | None:
+    """Why this step must not be applied (non-finite or spiking loss), or None."""
+    if not math.isfinite(loss):
+        return f"non-finite loss ({loss})"
+    if not math.isfinite(grad_norm):
+        return f"non-finite gradient norm ({grad_norm})"
+    if len(window) >= cfg.spike.min_history:
+        mean, std = statistics.fmean(window), statistics.pstdev(window)
+        if loss > mean + cfg.spike.threshold * max(std, 1e-3 * abs(mean)):
+            return f"loss spike ({loss:.4f} vs window mean {mean:.4f}, std {std:.4f})"
+    return None
+
+
+def _rollback(run: Path, model, optimizer, loader: StreamLoader, progress: Progress, d: Dist, metrics) -> object:
+    """Restore the newest checkpoint but keep the data position past the offending batch."""
+    latest = ckpt.checkpoints(run)[-1]
+    skip_to, events = progress.consumed, progress.events
+    saved = Progress(**ckpt.load(latest, model, optimizer, d)["progress"])
+    progress.__dict__.update(saved.__dict__)
+    progress.consumed, progress.events = skip_to, events
+    loader.consumed = skip_to
+    metrics.log("rollback", progress.step, checkpoint=latest.name, skipped_samples=skip_to - saved.consumed)
+    return iter(loader)
+
+
+def _due(
+    every: Duration, step: int, last_save: float, tokens_per_step: int, steps_per_epoch: float, total: int, d: Dist
+) -> bool:
+    if every.unit == "min":  # wall clock: rank 0 decides for everyone
+        flag = torch.tensor(float(time.monotonic() - last_save >= every.value * 60))
+        return bool(all_reduce_mean(flag, d) > 0) if d.enabled else bool(flag)
+    n = every.steps(tokens_per_step, steps_per_epoch, total)
+    return n > 0 and step % n == 0
+
+
+@torch.no_grad()
+def evaluate(
+    wrapped, model: MPTForCausalLM, tok: Tokenizer, cfg: TrainConfig, d: Dist, metrics: Metrics, step: int, autocast
+) -> float | None:
+    """Validation loss/perplexity on the held-out split, and samples from the fixed prompts."""
+    wrapped.eval()
+    val_loss = None
+    if cfg.data.val:
+        val = StreamingDataset(cfg.data.val, seed=0, shuffle=False, cache=cfg.data.cache)
+        batch = max(1, cfg.micro_batch_size or 8) * d.world_size
+        n = min(cfg.eval.val_batches, max(1, len(val) // batch))
+        losses = []
+        for b in StreamLoader(val, batch, batch // d.world_size, d.rank, d.world_size, stop=n * batch):
+            b = b.to(d.device)
+            with autocast:
+                logits = wrapped(b[:, :-1])
+            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten()))
+        val_loss = float(all_reduce_mean(torch.stack(losses).mean(), d))
+        metrics.log("eval", step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+    if cfg.eval.prompts:  # every rank generates (FSDP needs all of them for each forward); rank 0 logs
+        params = SamplingParams(
+            max_new_tokens=cfg.eval.max_new_tokens,
+            temperature=cfg.eval.temperature,
+            top_k=cfg.eval.top_k,
+            seed=cfg.seed,
+        )
+        with autocast:
+            texts = generate(wrapped if d.enabled else model, tok, list(cfg.eval.prompts), params)
+        metrics.log("samples", step, samples=dict(zip(cfg.eval.prompts, texts)))
+    wrapped.train()
+    return val_loss
+
+
+def export_final(model: torch.nn.Module, out: Path, tok: Tokenizer, d: Dist) -> Path:
+    """Gather full weights to rank 0 and write the foundation checkpoint format there."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        inner = unwrap_base(model)
+        fresh = MPTForCausalLM(inner.config)
+        fresh.load_state_dict(full)
+        save_checkpoint(fresh, out, tok)
+    barrier(d)
+    return out
+
+
+def unwrap_base(model: torch.nn.Module) -> MPTForCausalLM:
+    return model if isinstance(model, MPTForCausalLM) else unwrap(model)
+
+
+def _build_model(cfg: TrainConfig, tok: Tokenizer, d: Dist) -> MPTForCausalLM:
+    """Fresh weights (same seed on every rank), or `init_from`'s weights under the run's model config
+    (which may differ in training-only fields, e.g. a longer max_seq_len for long-context finetuning)."""
+    tok.check_fits(cfg.model.vocab_size)
+    torch.manual_seed(cfg.seed)
+    model = MPTForCausalLM(cfg.model)
+    if cfg.init_from:
+        source = load_model(cfg.init_from)
+        try:
+            model.load_state_dict(source.state_dict())
+        except RuntimeError as e:
+            raise UserError(
+                f"init_from {cfg.init_from}: its weights do not fit the run's model config: "
+                f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}"
+            ) from e
+    return model.to(d.device).train()
+
+
+def _check_data(data: StreamingDataset, tok: Tokenizer, cfg: TrainConfig) -> None:
+    index = data.data[0].index
+    if index.tokenizer_sha256 != tok.sha256():
+        raise UserError(
+            f"the data in {cfg.data.sources[0].path} was prepared with a different tokenizer than "
+            f"{cfg.tokenizer}; re-run `longboi prepare` with it"
+        )
+    if index.layout != "chunks":
+        raise UserError("pretraining reads chunks-layout data (prepare with --layout chunks)")
+    if cfg.global_batch_size % (cfg.micro_batch_size or 1):
+        raise UserError(
+            f"global_batch_size {cfg.global_batch_size} is not divisible by micro_batch_size {cfg.micro_batch_size}"
+        )
+
+
+def _train_state(progress: Progress, cfg: TrainConfig) -> dict:
+    return {
+        "progress": dataclasses.asdict(progress),
+        "model_config": to_mpt_dict(cfg.model),
+        "tokenizer": str(Path(cfg.tokenizer).resolve()),
+    }
+
+
+def _write_run_config(run: Path, cfg: TrainConfig, micro: int, total: int) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    resolved = dataclasses.asdict(cfg) | {"resolved": {"micro_batch_size": micro, "total_steps": total}}
+    (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
+
+def find_micro_batch(model: MPTForCausalLM, seq_len: int, per_rank: int, precision: str, d: Dist) -> int:
+    """The largest divisor of the per-rank batch whose forward/backward fits in memory (tried, halving)."""
+    candidates = [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    for micro in candidates:
+        try:
+            ids = torch.randint(0, model.config.vocab_size, (micro, seq_len), device=d.device)
+            with autocast:
+                logits = model(ids[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            ok = 1.0
+        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+            if not _is_oom(e):
+                raise
+            ok = 0.0
+        finally:
+            model.zero_grad(set_to_none=True)
+            logits = None
+        if float(all_reduce_mean(torch.tensor(ok), d)) == 1.0:  # every rank must fit
+            if d.is_main:
+                print(f"micro_batch_size: {micro} (largest that fits)", file=sys.stderr)
+            return micro
+    raise UserError(f"even a micro batch of 1 x {seq_len} tokens does not fit in memory")
+
+
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate" in text

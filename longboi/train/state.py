@@ -1,0 +1,104 @@
+"""Training checkpoints: save, find the newest complete one, resume, and export weights.
+
+A checkpoint is `RUN/checkpoints/step-00000100/`: model and optimizer state through
+`torch.distributed.checkpoint` (sharded per rank under FSDP, and reshardable: a save from 2 ranks
+resumes on 1), `train_state.json` (step, tokens, data position, detector state, model config) and
+`rng-rankN.pt`. It is written to `.tmp-step-...` and renamed when every rank has finished, so a
+crash at any moment leaves the previous checkpoints intact; only renamed directories are resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from longboi.checkpoint import save_checkpoint
+from longboi.config import from_mpt_dict, to_mpt_dict
+from longboi.model import MPTForCausalLM
+from longboi.tokenizer import Tokenizer
+from longboi.train.parallelize import Dist, barrier
+
+STEP_DIR = re.compile(r"step-(\d{8})")
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / "train_state.json").is_file()]
+    return sorted(done)
+
+
+def save(
+    run_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    d: Dist,
+    keep: int,
+) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if d.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(d)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng-rank{d.rank}.pt")
+    barrier(d)
+    if d.is_main:
+        (tmp / "train_state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
+        if final.exists():  # re-saving the same step (after a rollback): replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(d)
+    return final
+
+
+def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict[str, Any]:
+    """Restore model + optimizer (resharded to this world size) and this rank's RNG; return train_state."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    target = {"model": model_sd, "optim": optim_sd}
+    dcp.load(target, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    rng_file = path / f"rng-rank{d.rank}.pt"
+    if rng_file.is_file():  # a new rank (larger world) keeps its seeded RNG
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(rng["python"]))
+    return json.loads((path / "train_state.json").read_text())
+
+
+def _as_tuple(x: Any) -> Any:
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def export_weights(train_ckpt: str | Path, out: str | Path, tokenizer: str | Path | None = None) -> Path:
+    """Weights-only checkpoint directory (config.json + model.safetensors + tokenizer.json) from a
+    training checkpoint; HF-loadable when its config is representable. Runs in one process."""
+    train_ckpt = Path(train_ckpt)
+    info = json.loads((train_ckpt / "train_state.json").read_text())
+    cfg = from_mpt_dict(info["model_config"], str(train_ckpt / "train_state.json"))
+    model = MPTForCausalLM(cfg)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(train_ckpt))
+    model.load_state_dict(state["model"])
+    tok_path = tokenizer or info.get("tokenizer")
+    return save_checkpoint(model, out, Tokenizer(tok_path) if tok_path else None)
+
+
+def model_config_json(model: MPTForCausalLM) -> dict:
+    return to_mpt_dict(model.config)

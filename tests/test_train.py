@@ -1,0 +1,300 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, SHARED, TOKENIZER
+from safetensors.torch import load_file
+
+import longboi.train.loop as loop
+from longboi.cli import main
+from longboi.data.prepare import prepare
+from longboi.errors import UserError
+from longboi.train.config import ScheduleConfig, config_from_dict, load_train_config, parse_duration
+from longboi.train.loop import TrainingStopped, train
+from longboi.train.optim import Lion, lr_multiplier, param_groups
+
+SMALL_MODEL = {"preset": "tiny", "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 32}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-data") / "shakespeare"
+    prepare(
+        [str(SHARED / "text" / "tinyshakespeare.txt")],
+        str(out),
+        str(TOKENIZER),
+        seq_len=33,
+        val_fraction=0.05,
+        shard_mb=0.1,
+    )
+    return out
+
+
+def run_config(data: Path, run_dir: Path, **changes) -> dict:
+    base = {
+        "run_dir": str(run_dir),
+        "model": dict(SMALL_MODEL),
+        "tokenizer": str(TOKENIZER),
+        "data": {"sources": [str(data / "train")], "val": str(data / "val")},
+        "max_duration": "8ba",
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "precision": "fp32",
+        "optimizer": {"lr": 3e-3},
+        "schedule": {"warmup": "2ba"},
+        "checkpoint": {"every": "2ba", "keep": 10},
+        "log": {"every": 1, "progress": False},
+        "eval": {"every": "4ba", "val_batches": 2, "prompts": ["ROMEO:"], "max_new_tokens": 4},
+    }
+    for key, value in changes.items():
+        node = base
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return base
+
+
+def write_config(tmp_path: Path, cfg: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["kind"] == "train":
+            losses[row["step"]] = row["loss"]  # a resumed run rewrites steps after its checkpoint
+    return losses
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_every_recipe_in_configs_parses():
+    recipes = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        if "pretrain" in path.parts:
+            load_train_config(path)
+
+
+def test_config_errors_name_the_key_and_suggest(tmp_path, data):
+    cfg = run_config(data, tmp_path / "r")
+    cfg["optimizer"]["lrr"] = 1.0
+    with pytest.raises(UserError, match=r"run.yaml.optimizer: unknown key 'lrr' \(did you mean 'lr'\?\)"):
+        load_train_config(write_config(tmp_path, cfg))
+    cfg = run_config(data, tmp_path / "r")
+    cfg["max_duraton"] = "8ba"
+    with pytest.raises(UserError, match="did you mean 'max_duration'"):
+        load_train_config(write_config(tmp_path, cfg))
+    (tmp_path / "bad.yaml").write_text("run_dir: x\nmodel: [unclosed\n")
+    with pytest.raises(UserError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_train_config(tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="not a duration"):
+        config_from_dict(run_config(data, tmp_path / "r", max_duration="8 batches"), "x")
+
+
+def test_cli_overrides_are_typed_and_checked(tmp_path, data):
+    path = write_config(tmp_path, run_config(data, tmp_path / "r"))
+    cfg = load_train_config(path, ["--optimizer.lr", "1e-4", "--model.n_layers=3", "--precision", "bf16"])
+    assert cfg.optimizer.lr == 1e-4 and cfg.model.n_layers == 3 and cfg.precision == "bf16"
+    with pytest.raises(UserError, match="unknown key 'n_layer'"):
+        load_train_config(path, ["--model.n_layer", "3"])
+    with pytest.raises(UserError, match="expected int"):
+        load_train_config(path, ["--global_batch_size", "big"])
+
+
+def test_durations():
+    assert parse_duration("1000ba").steps(100, 10) == 1000
+    assert parse_duration("2e9tok").steps(4096 * 256, 10) == math.ceil(2e9 / (4096 * 256))
+    assert parse_duration("1.5ep").steps(100, 10) == 15
+    assert parse_duration("0.1dur").steps(100, 10, total_steps=500) == 50
+
+
+# -- optimizer and schedule ----------------------------------------------------------------------
+
+
+def test_schedules():
+    cos = ScheduleConfig(name="cosine", warmup="10ba", min_lr_ratio=0.1)
+    assert lr_multiplier(0, 100, 10, cos) == pytest.approx(0.1)
+    assert lr_multiplier(9, 100, 10, cos) == pytest.approx(1.0)
+    assert lr_multiplier(10, 100, 10, cos) == pytest.approx(1.0)
+    assert lr_multiplier(55, 100, 10, cos) == pytest.approx(0.55)
+    assert lr_multiplier(100, 100, 10, cos) == pytest.approx(0.1)
+    lin = ScheduleConfig(name="linear", min_lr_ratio=0.0)
+    assert lr_multiplier(50, 100, 0, lin) == pytest.approx(0.5)
+    assert lr_multiplier(70, 100, 0, ScheduleConfig(name="constant")) == 1.0
+    assert lr_multiplier(39, 100, 10, ScheduleConfig(name="inverse_sqrt")) == pytest.approx(0.5)
+
+
+def test_lion_step_by_hand():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 0.5]))
+    opt = Lion([p], lr=0.1, betas=(0.9, 0.99), weight_decay=0.5)
+    m = torch.tensor([0.0, 0.0, 0.0])
+    for g in ([0.3, -0.1, 0.0], [-0.2, 0.4, 0.1]):
+        g = torch.tensor(g)
+        expected = p.detach() * (1 - 0.1 * 0.5) - 0.1 * torch.sign(0.9 * m + 0.1 * g)
+        m = 0.99 * m + 0.01 * g
+        p.grad = g
+        opt.step()
+        assert torch.allclose(p.detach(), expected)
+    assert torch.allclose(opt.state[p]["exp_avg"], m)
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    from longboi.config import ModelConfig
+    from longboi.model import MPTForCausalLM
+    from longboi.train.config import OptimizerConfig
+
+    model = MPTForCausalLM(ModelConfig(d_model=64, n_heads=4, n_layers=2, no_bias=False, vocab_size=512))
+    decay, no_decay = param_groups(model, OptimizerConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim == 2 and "wte" not in names[id(p)] for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {
+        "transformer.wte.weight",
+        "transformer.norm_f.weight",
+        "transformer.blocks.0.attn.Wqkv.bias",
+    }
+    decay_all, _ = param_groups(model, OptimizerConfig(decay_norms_and_biases=True, decay_embeddings=True))
+    assert len(decay_all["params"]) == len(list(model.parameters()))
+
+
+# -- the loop ---------------------------------------------------------------------------------------
+
+
+def test_training_learns_logs_evaluates_and_exports(tmp_path, data):
+    cfg = config_from_dict(
+        run_config(data, tmp_path / "run", max_duration="12ba", **{"log.tensorboard": True, "log.wandb": True}), "x"
+    )
+    os.environ["WANDB_SILENT"] = "true"
+    result = train(cfg)
+    losses = train_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 13)) and losses[12] < losses[1] - 1.0
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["lr"] > 0 for r in train_rows)
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [4, 8, 12] and result.val_loss is not None
+    assert [r for r in rows if r["kind"] == "samples"][0]["samples"]["ROMEO:"]
+    assert list((tmp_path / "run" / "tensorboard").iterdir()) and list((tmp_path / "run" / "wandb").iterdir())
+    assert (result.final / "model.safetensors").is_file()
+    from longboi.checkpoint import load_model
+
+    final = load_model(result.final)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "exported")]) == 0
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert all(torch.equal(exported[k], v) for k, v in final.state_dict().items() if k in exported)
+    assert main(["plot", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+
+
+def test_kill_9_and_autoresume_is_bit_identical(tmp_path, data):
+    knobs = {
+        "max_duration": "10ba",
+        "model": {**SMALL_MODEL, "attn_pdrop": 0.1, "resid_pdrop": 0.1},
+        "checkpoint.every": "2ba",
+        "eval.every": "5ba",
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight_cfg = write_config(tmp_path / "a", run_config(data, tmp_path / "straight", **knobs))
+    crashed_cfg = write_config(tmp_path / "b", run_config(data, tmp_path / "crashed", **knobs))
+    assert main(["train", str(straight_cfg)]) == 0
+    cmd = [sys.executable, "-m", "longboi", "train"]
+    proc = subprocess.Popen(cmd + [str(crashed_cfg)], stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (tmp_path / "crashed" / "checkpoints" / "step-00000006").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(cmd + [str(crashed_cfg)], check=True, stderr=subprocess.DEVNULL)  # no flags: autoresume
+    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "crashed" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "crashed")
+
+
+def test_nan_is_skipped_and_the_run_finishes(tmp_path, data, monkeypatch):
+    real, calls = loop.train_step, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, norm = real(*args, **kwargs)
+        return (float("nan"), norm) if calls["n"] == 3 else (loss, norm)
+
+    monkeypatch.setattr(loop, "train_step", poisoned)
+    result = train(config_from_dict(run_config(data, tmp_path / "run", max_duration="6ba"), "x"))
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert result.steps == 6 and calls["n"] == 7  # one batch skipped, six applied
+    assert len(events) == 1 and "non-finite loss" in events[0]["what"] and events[0]["action"] == "skip"
+
+
+def test_spike_rollback_restores_the_checkpoint_and_skips_the_data(tmp_path, data, monkeypatch):
+    real, calls = loop.train_step, {"n": 0}
+
+    def spiky(*args, **kwargs):
+        calls["n"] += 1
+        loss, norm = real(*args, **kwargs)
+        return (loss * 10, norm) if calls["n"] == 6 else (loss, norm)
+
+    monkeypatch.setattr(loop, "train_step", spiky)
+    cfg = run_config(
+        data,
+        tmp_path / "run",
+        max_duration="8ba",
+        **{"spike.action": "rollback", "spike.min_history": 3, "spike.threshold": 3.0},
+    )
+    result = train(config_from_dict(cfg, "x"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    event = next(r for r in rows if r["kind"] == "event")
+    rollback = next(r for r in rows if r["kind"] == "rollback")
+    assert "loss spike" in event["what"] and event["step"] == 5
+    assert rollback["checkpoint"] == "step-00000004" and rollback["skipped_samples"] == 2 * 4
+    assert result.steps == 8 and calls["n"] == 8 + 1 + 1  # the spike, plus step 5 redone after the rollback
+
+
+def test_spike_stop_exits_with_a_report(tmp_path, data, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (float("inf"), 1.0))
+    cfg = run_config(data, tmp_path / "run", **{"spike.action": "stop"})
+    with pytest.raises(TrainingStopped, match="training stopped at step 0: non-finite loss"):
+        train(config_from_dict(cfg, "x"))
+    assert main(["train", str(write_config(tmp_path, cfg))]) == 2
+    assert "training stopped" in capsys.readouterr().err
+
+
+def test_tokenizer_mismatch_with_the_data_is_refused(tmp_path, data):
+    other = tmp_path / "tok.json"
+    other.write_text(TOKENIZER.read_text().replace('"<|padding|>"', '"<|pad|>"'))
+    cfg = config_from_dict(run_config(data, tmp_path / "run", tokenizer=str(other)), "x")
+    with pytest.raises(UserError, match="prepared with a different tokenizer"):
+        train(cfg)
+
+
+AUTO_MICRO = """
+import resource, sys
+from longboi.config import preset
+from longboi.model import MPTForCausalLM
+from longboi.train.loop import find_micro_batch
+from longboi.train.parallelize import Dist
+model = MPTForCausalLM(preset("tiny").replace(n_layers=2))
+cap = 6 * 2**30  # address space: a 64 x 256 step needs far more (logits alone: 3.3 GB, x3 in backward)
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+print(find_micro_batch(model, 257, 64, "fp32", Dist()))
+"""
+
+
+def test_micro_batch_is_found_by_trying_smaller_sizes_on_oom():
+    out = subprocess.run([sys.executable, "-c", AUTO_MICRO], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    micro = int(out.stdout.strip())
+    assert 1 <= micro < 64 and 64 % micro == 0
