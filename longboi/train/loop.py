@@ -269,7 +269,7 @@ def evaluate(
             seed=cfg.seed,
         )
         with autocast:
-            texts = generate(wrapped if d.enabled else model, tok, list(cfg.eval.prompts), params)
+            texts = generate(model, tok, list(cfg.eval.prompts), params)  # FSDP2 shards `model` in place
         metrics.log("samples", step, samples=dict(zip(cfg.eval.prompts, texts)))
     wrapped.train()
     return val_loss

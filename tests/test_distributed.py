@@ -1,0 +1,81 @@
+"""Distributed training on CPU: gloo backend, 2 processes under torchrun (the twin of NCCL on GPUs)."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from test_train import SMALL_MODEL, data, run_config, train_losses  # noqa: F401  (data is a fixture)
+
+from longboi.cli import main
+
+pytestmark = pytest.mark.distributed
+
+
+def torchrun(config, nproc=2, **popen):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "longboi",
+        "train",
+        str(config),
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def write(tmp_path, name, cfg):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+KNOBS = {
+    "max_duration": "6ba",
+    "global_batch_size": 8,
+    "micro_batch_size": 2,
+    "eval.every": "3ba",
+    "eval.prompts": ["ROMEO:"],
+}
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("single")
+    assert main(["train", str(write(tmp, "single", run_config(data, tmp / "run", **KNOBS)))]) == 0
+    return train_losses(tmp / "run")
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(mode, tmp_path, data, single):  # noqa: F811
+    proc = torchrun(write(tmp_path, mode, run_config(data, tmp_path / "run", parallel=mode, **KNOBS)))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    losses = train_losses(tmp_path / "run")
+    assert losses.keys() == single.keys()
+    assert all(abs(losses[k] - single[k]) < 1e-4 * max(1.0, abs(single[k])) for k in single), (losses, single)
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+def test_fsdp_save_on_two_processes_resumes_on_one(tmp_path, data, single):  # noqa: F811
+    cfg = write(
+        tmp_path, "fsdp", run_config(data, tmp_path / "run", parallel="fsdp", **KNOBS, **{"checkpoint.every": "2ba"})
+    )
+    proc = torchrun(cfg, start_new_session=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "checkpoints" / "step-00000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
+        time.sleep(0.05)
+    import os
+
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    assert main(["train", str(cfg)]) == 0  # one process, no flags: resumes the 2-rank checkpoint
+    losses = train_losses(tmp_path / "run")
+    assert sorted(losses) == list(range(1, 7))
+    assert all(abs(losses[k] - single[k]) < 1e-4 * max(1.0, abs(single[k])) for k in single), (losses, single)
