@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from longboi.checkpoint import save_checkpoint
 from longboi.config import preset
@@ -76,8 +75,7 @@ def train_steps(name: str, dtype: torch.dtype, repeats: int) -> dict:
 
     def step_ours():
         with autocast:
-            logits = ours(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+            loss = ours(inputs, labels=labels)  # longboi's fused, chunked LM head + cross-entropy
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)

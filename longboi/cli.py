@@ -229,8 +229,16 @@ def train(config: str) -> dict:
     cfg = load_train_config(config, _OVERRIDES)
     result = run(cfg)
     if result.final is not None and _is_main_process():
-        val = f", validation loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        print(f"trained {result.steps} steps{val}; weights: {result.final}", file=sys.stderr)
+        e = result.eval
+        val = (
+            (
+                f"; validation loss {e['val_loss']:.3f} nats/token = {e['val_bpb']:.3f} bits/byte (unigram baseline "
+                f"{e['unigram_val_loss']:.3f} nats/token = {e['unigram_val_bpb']:.3f} bits/byte)"
+            )
+            if e
+            else ""
+        )
+        print(f"trained {result.steps} steps{val}\nweights: {result.final}", file=sys.stderr)
     return {"steps": result.steps, "val_loss": result.val_loss, "final": str(result.final)}
 
 
@@ -269,7 +277,23 @@ def export(train_checkpoint: str, out: str, tokenizer: str | None = None) -> Pat
     return path
 
 
-COMMANDS: list[Callable] = [info, init, generate, convert, prepare, train, export, plot]
+def train_tokenizer(files: list[str], *, vocab_size: int, out: str, holdout_fraction: float = 0.0) -> Path:
+    """Train a small byte-level BPE tokenizer on text files (for small models on one domain).
+
+    Args:
+        files: text files to learn merges from.
+        vocab_size: number of ids (the model's vocab_size is this rounded up to a multiple of 128).
+        out: the tokenizer.json to write.
+        holdout_fraction: ignore this tail fraction of each file (match prepare's --val-fraction).
+    """
+    from longboi.tokenizer import padded_vocab_size, train_bpe
+
+    tok = train_bpe(files, vocab_size, out, holdout_fraction)
+    print(f"wrote {out}: {tok.vocab_size} ids (model vocab_size {padded_vocab_size(tok.vocab_size)})", file=sys.stderr)
+    return Path(out)
+
+
+COMMANDS: list[Callable] = [info, init, generate, convert, prepare, train_tokenizer, train, export, plot]
 _OVERRIDES: list[str] = []  # `--section.key value` pairs after a train config (see main)
 
 
@@ -324,7 +348,8 @@ def _unwrap_optional(tp) -> type:
 
 def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
     summary, docs = _arg_docs(fn)
-    parser = sub.add_parser(fn.__name__, help=summary.splitlines()[0], description=summary)
+    name = fn.__name__.replace("_", "-")
+    parser = sub.add_parser(name, help=summary.splitlines()[0], description=summary)
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
         tp = _unwrap_optional(hints[name])

@@ -22,6 +22,8 @@ from longboi.config import ModelConfig
 
 # Bytes of attention bias built at once; bounds prefill memory at any context length.
 ATTN_CHUNK_BYTES = 64 * 2**20
+# Token rows per chunk of the fused LM-head loss: (rows x vocab) fp32 logits live at once.
+LOSS_CHUNK_ROWS = 1024
 
 
 def alibi_slopes(n_heads: int, bias_max: int = 8) -> torch.Tensor:
@@ -342,6 +344,41 @@ class MPTModel(nn.Module):
         return self.norm_f(x)
 
 
+class ChunkedLMLoss(torch.autograd.Function):
+    """Mean next-token cross-entropy of `h @ weight^T`, never materializing the (N, vocab) logits.
+
+    Rows are processed in chunks; each chunk's softmax gradient is turned into gradients for `h`
+    and `weight` immediately, in the forward pass, so the only (chunk, vocab) tensor alive is the
+    current one. Same FLOPs as logits + F.cross_entropy, far less memory traffic: with a 50k
+    vocabulary the logits are most of a small model's activation memory.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float, chunk: int):
+        n = h.shape[0]  # h: (N, d), weight: (V, d), targets: (N,) with -100 = ignore
+        valid = targets != -100
+        count = max(int(valid.sum()), 1)
+        grad_h, grad_w = torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for s in range(0, n, chunk):
+            hs, ts, vs = h[s : s + chunk], targets[s : s + chunk].clamp(min=0), valid[s : s + chunk]
+            logits = (hs @ weight.t()).float() * scale  # (c, V)
+            lse = logits.logsumexp(dim=-1)
+            total += ((lse - logits.gather(1, ts[:, None]).squeeze(1)) * vs).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs[torch.arange(len(ts), device=h.device), ts] -= 1
+            g = (probs * (vs[:, None] * (scale / count))).to(h.dtype)  # dloss/dlogits_raw
+            grad_h[s : s + chunk] = g @ weight
+            grad_w += (g.t() @ hs).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None
+
+
 class MPTForCausalLM(nn.Module):
     """The MPT language model: `transformer` (MPT's name for the trunk) plus the LM head."""
 
@@ -360,18 +397,34 @@ class MPTForCausalLM(nn.Module):
         sequence_id: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """(B, T) ids -> (B, T, vocab) logits; only the last `logits_to_keep` positions if > 0."""
+        """(B, T) ids -> (B, T, vocab) logits; only the last `logits_to_keep` positions if > 0.
+
+        With `labels` (B, T) (already shifted: labels[t] is the token after input t; -100 ignores a
+        position) it returns the mean cross-entropy instead, computed chunk-wise (ChunkedLMLoss).
+        """
         h = self.transformer(input_ids, attention_mask, sequence_id, cache)
+        if labels is not None:
+            weight = self.head_weight
+            if torch.is_autocast_enabled(h.device.type):  # autograd.Function bodies run outside autocast rules
+                dtype = torch.get_autocast_dtype(h.device.type)
+                h, weight = h.to(dtype), weight.to(dtype)
+            scale = self.config.logit_scale if self.config.logit_scale is not None else 1.0
+            return ChunkedLMLoss.apply(h.flatten(0, 1), weight, labels.flatten(), scale, LOSS_CHUNK_ROWS)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.head(h)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) hidden states -> (..., vocab) logits. Separate so a loss can run it in chunks."""
-        weight = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        logits = F.linear(h, weight)
+        logits = F.linear(h, self.head_weight)
         return logits * self.config.logit_scale if self.config.logit_scale is not None else logits
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """(vocab, d) LM-head weight: the embedding table when tied."""
+        return self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.n_layers)

@@ -105,6 +105,39 @@ class Tokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def train_bpe(files: list[str | Path], vocab_size: int, out: str | Path, holdout_fraction: float = 0.0) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2 style, with <|endoftext|> and <|padding|>) on text files.
+
+    A small vocabulary suits a small model: the LM head (d_model x vocab) is most of a tiny model's
+    compute with a 50k vocabulary.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 260:
+        raise UserError(f"vocab_size {vocab_size} is too small for byte-level BPE (256 bytes + specials)")
+    for f in files:
+        if not Path(f).is_file():
+            raise UserError(f"tokenizer training file not found: {f}")
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|padding|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    texts = [Path(f).read_text() for f in files]
+    # Leave out each file's tail, the part `prepare --val-fraction` holds out, so the tokenizer has
+    # not seen the validation text.
+    texts = [t[: len(t) - int(len(t) * holdout_fraction)] for t in texts]
+    tok.train_from_iterator(texts, trainer)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out))
+    return Tokenizer(out)
+
+
 class StreamDecoder:
     """Turns a growing list of ids into text pieces, never splitting a multi-byte character.
 

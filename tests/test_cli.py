@@ -6,13 +6,13 @@ import pytest
 from longboi.cli import COMMANDS, build_parser, main
 
 
-@pytest.mark.parametrize("command", [c.__name__ for c in COMMANDS])
+@pytest.mark.parametrize("command", [c.__name__.replace("_", "-") for c in COMMANDS])
 def test_every_command_has_help_from_its_docstring(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([command, "--help"])
     assert exit_info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
-    doc = next(c for c in COMMANDS if c.__name__ == command).__doc__.splitlines()[0]
+    doc = next(c for c in COMMANDS if c.__name__.replace("_", "-") == command).__doc__.splitlines()[0]
     assert doc in out
 
 

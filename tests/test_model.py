@@ -198,3 +198,23 @@ def test_32k_prefill_of_tiny_runs_in_bounded_memory():
     peak_mib = int(out.stdout.strip())
     assert peak_mib < 4096, f"peak RSS {peak_mib} MiB"
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+@pytest.mark.parametrize("knobs", [{}, dict(tie_word_embeddings=False, logit_scale=0.7)], ids=str)
+def test_chunked_lm_loss_equals_cross_entropy_and_its_gradients(knobs, monkeypatch):
+    import torch.nn.functional as F
+
+    model = build(small_config(**knobs)).train()
+    ids = ids_for(model.config, batch=3, length=41)
+    inputs, labels = ids[:, :-1], ids[:, 1:].clone()
+    labels[0, :7] = -100  # ignored positions (prompt masking) contribute nothing
+    F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten()).backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    monkeypatch.setattr(model_mod, "LOSS_CHUNK_ROWS", 17)  # several chunks, a ragged last one
+    loss = model(inputs, labels=labels)
+    loss.backward()
+    expected = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten())
+    assert torch.allclose(loss, expected, atol=1e-6)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, reference[name], atol=1e-6), name

@@ -50,3 +50,19 @@ def test_tokenizer_config_names_special_tokens(tokenizer_path, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "<|padding|>", "pad_token": null}')
     again = Tokenizer(tmp_path)  # a directory works too
     assert again.eos_id == 1 and again.pad_id == 1
+
+
+def test_train_bpe_small_vocab_round_trips_and_skips_the_holdout(tmp_path):
+    from conftest import SHARED
+
+    from longboi.tokenizer import train_bpe
+
+    text_file = SHARED / "text" / "tinyshakespeare.txt"
+    tok = train_bpe([text_file], 1000, tmp_path / "t.json", holdout_fraction=0.1)
+    assert tok.vocab_size == 1000 and tok.eos_id == 0 and tok.pad_id == 1
+    sample = "ROMEO:\nBut soft, what light through yonder window breaks? 🤖"
+    assert tok.decode(tok.encode(sample)) == sample
+    full = train_bpe([text_file], 1000, tmp_path / "full.json")
+    assert tok.sha256() != full.sha256()  # the held-out tail changed the merges
+    with pytest.raises(UserError, match="too small"):
+        train_bpe([text_file], 100, tmp_path / "x.json")

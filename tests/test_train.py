@@ -298,3 +298,25 @@ def test_micro_batch_is_found_by_trying_smaller_sizes_on_oom():
     assert out.returncode == 0, out.stderr[-2000:]
     micro = int(out.stdout.strip())
     assert 1 <= micro < 64 and 64 % micro == 0
+
+
+def test_activation_checkpointing_gives_the_same_run(tmp_path, data):
+    plain = train(config_from_dict(run_config(data, tmp_path / "plain", max_duration="3ba"), "x"))
+    ckpt = train(
+        config_from_dict(run_config(data, tmp_path / "ckpt", max_duration="3ba", activation_checkpointing=True), "x")
+    )
+    assert plain.steps == ckpt.steps == 3
+    a, b = train_losses(tmp_path / "plain"), train_losses(tmp_path / "ckpt")
+    assert all(abs(a[k] - b[k]) < 1e-5 for k in a)
+    assert (
+        load_file(str(tmp_path / "ckpt" / "final" / "model.safetensors")).keys()
+        == load_file(str(tmp_path / "plain" / "final" / "model.safetensors")).keys()
+    )  # no wrapper prefixes
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tmp_path, data):
+    train(config_from_dict(run_config(data, tmp_path / "eager", max_duration="3ba"), "x"))
+    train(config_from_dict(run_config(data, tmp_path / "compiled", max_duration="3ba", compile=True), "x"))
+    a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
+    assert all(abs(a[k] - b[k]) < 1e-3 for k in a)

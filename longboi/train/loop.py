@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -60,6 +61,7 @@ class TrainResult:
     steps: int
     val_loss: float | None
     train_loss: float | None
+    eval: dict = field(default_factory=dict)  # the last evaluation's metrics
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -105,7 +107,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         disable=not (d.is_main and cfg.log.progress),
         dynamic_ncols=True,
     )
-    batches, last_save, val_loss, loss = iter(loader), time.monotonic(), None, None
+    batches, last_save, last_eval, loss = iter(loader), time.monotonic(), {}, None
 
     while progress.step < total:
         lr = set_lr(optimizer, cfg.optimizer.lr, lr_multiplier(progress.step, total, warmup, cfg.schedule))
@@ -149,7 +151,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * flops_per_token * tok_s / peak:.1f}%")
         bar.update(1)
         if eval_every and (progress.step % eval_every == 0 or progress.step == total):
-            val_loss = evaluate(wrapped, model, tok, cfg, d, metrics, progress.step, autocast)
+            last_eval = evaluate(wrapped, model, tok, cfg, d, metrics, progress.step, autocast)
         if _due(save_every, progress.step, last_save, tokens_per_step, len(data) / cfg.global_batch_size, total, d):
             ckpt.save(run, progress.step, wrapped, optimizer, _train_state(progress, cfg), d, cfg.checkpoint.keep)
             last_save = time.monotonic()
@@ -161,7 +163,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         final = export_final(wrapped, run / "final", tok, d)
     metrics.close()
     barrier(d)
-    return TrainResult(run, final, progress.step, val_loss, loss)
+    return TrainResult(run, final, progress.step, last_eval.get("val_loss"), loss, last_eval)
 
 
 def train_step(
@@ -178,10 +180,10 @@ def train_step(
     for i in range(accum):
         batch = next(batches).to(d.device, non_blocking=True)
         inputs, labels = batch[:, :-1], batch[:, 1:]
-        with _no_sync(model, last=i == accum - 1), autocast:
-            logits = model(inputs)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-        (loss / accum).backward()
+        with _no_sync(model, last=i == accum - 1):
+            with autocast:
+                loss = model(inputs, labels=labels)  # fused, chunked LM head + cross-entropy
+            (loss / accum).backward()
         total += loss.detach() / accum
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
@@ -245,22 +247,21 @@ def _due(
 @torch.no_grad()
 def evaluate(
     wrapped, model: MPTForCausalLM, tok: Tokenizer, cfg: TrainConfig, d: Dist, metrics: Metrics, step: int, autocast
-) -> float | None:
-    """Validation loss/perplexity on the held-out split, and samples from the fixed prompts."""
+) -> dict:
+    """Validation loss/perplexity/bits per byte on the held-out split, and samples from the fixed prompts."""
     wrapped.eval()
-    val_loss = None
+    results: dict = {}
     if cfg.data.val:
-        val = StreamingDataset(cfg.data.val, seed=0, shuffle=False, cache=cfg.data.cache)
-        batch = max(1, cfg.micro_batch_size or 8) * d.world_size
-        n = min(cfg.eval.val_batches, max(1, len(val) // batch))
-        losses = []
-        for b in StreamLoader(val, batch, batch // d.world_size, d.rank, d.world_size, stop=n * batch):
-            b = b.to(d.device)
-            with autocast:
-                logits = wrapped(b[:, :-1])
-            losses.append(F.cross_entropy(logits.flatten(0, 1).float(), b[:, 1:].flatten()))
-        val_loss = float(all_reduce_mean(torch.stack(losses).mean(), d))
-        metrics.log("eval", step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)))
+        val_loss, bpb = validation_loss(wrapped, tok, cfg, d, autocast)
+        baseline = unigram_baseline(cfg, tok)
+        results = {
+            "val_loss": val_loss,
+            "val_ppl": math.exp(min(val_loss, 50)),
+            "val_bpb": bpb,
+            "unigram_val_loss": baseline[0],
+            "unigram_val_bpb": baseline[1],
+        }
+        metrics.log("eval", step, **results)
     if cfg.eval.prompts:  # every rank generates (FSDP needs all of them for each forward); rank 0 logs
         params = SamplingParams(
             max_new_tokens=cfg.eval.max_new_tokens,
@@ -272,7 +273,53 @@ def evaluate(
             texts = generate(model, tok, list(cfg.eval.prompts), params)  # FSDP2 shards `model` in place
         metrics.log("samples", step, samples=dict(zip(cfg.eval.prompts, texts)))
     wrapped.train()
-    return val_loss
+    return results
+
+
+def validation_loss(wrapped, tok: Tokenizer, cfg: TrainConfig, d: Dist, autocast) -> tuple[float, float]:
+    """Mean loss per token (nats) and bits per byte (comparable across tokenizers) on the held-out split."""
+    val = StreamingDataset(cfg.data.val, seed=0, shuffle=False, cache=cfg.data.cache)
+    batch = max(1, cfg.micro_batch_size or 8) * d.world_size
+    n = min(cfg.eval.val_batches, max(1, len(val) // batch))
+    sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
+    for b in StreamLoader(val, batch, batch // d.world_size, d.rank, d.world_size, stop=n * batch):
+        targets = b[:, 1:]
+        with autocast:
+            logits = wrapped(b[:, :-1].to(d.device))
+        nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(d.device), reduction="sum")
+        text_bytes = sum(len(tok.decode(row.tolist(), skip_special_tokens=False).encode()) for row in targets)
+        sums += torch.tensor([float(nats), targets.numel(), text_bytes], dtype=torch.float64)
+    sums = all_reduce_mean(sums, d)  # equal shares per rank: the mean of sums keeps the ratios
+    return float(sums[0] / sums[1]), float(sums[0] / math.log(2) / sums[2])
+
+
+_UNIGRAM: dict[tuple, tuple[float, float]] = {}
+
+
+def unigram_baseline(cfg: TrainConfig, tok: Tokenizer, max_tokens: int = 50_000_000) -> tuple[float, float]:
+    """Validation loss and bits per byte of a unigram model fit on the training split (add-one smoothed):
+    the floor a language model must clearly beat."""
+    key = (tuple(s.path for s in cfg.data.sources), cfg.data.val)
+    if key not in _UNIGRAM:
+        counts = np.zeros(cfg.model.vocab_size, dtype=np.float64)
+        for source in StreamingDataset(cfg.data.sources, shuffle=False, cache=cfg.data.cache).data:
+            seen = 0
+            for shard in range(len(source.index.shards)):
+                tokens = np.asarray(source.reader(shard).tokens)
+                counts += np.bincount(tokens, minlength=len(counts))[: len(counts)]
+                seen += len(tokens)
+                if seen > max_tokens:
+                    break
+        logp = np.log((counts + 1) / (counts.sum() + tok.vocab_size))
+        val = StreamingDataset(cfg.data.val, shuffle=False, cache=cfg.data.cache).data[0]
+        nats, n_tokens, n_bytes = 0.0, 0, 0
+        for shard in range(len(val.index.shards)):
+            tokens = np.asarray(val.reader(shard).tokens)
+            nats -= float(logp[tokens].sum())
+            n_tokens += len(tokens)
+            n_bytes += len(tok.decode(tokens.tolist(), skip_special_tokens=False).encode())
+        _UNIGRAM[key] = (nats / n_tokens, nats / math.log(2) / n_bytes)
+    return _UNIGRAM[key]
 
 
 def export_final(model: torch.nn.Module, out: Path, tok: Tokenizer, d: Dist) -> Path:
@@ -348,8 +395,8 @@ def find_micro_batch(model: MPTForCausalLM, seq_len: int, per_rank: int, precisi
         try:
             ids = torch.randint(0, model.config.vocab_size, (micro, seq_len), device=d.device)
             with autocast:
-                logits = model(ids[:, :-1])
-            F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+                loss = model(ids[:, :-1], labels=ids[:, 1:])
+            loss.backward()
             ok = 1.0
         except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
             if not _is_oom(e):
@@ -357,7 +404,7 @@ def find_micro_batch(model: MPTForCausalLM, seq_len: int, per_rank: int, precisi
             ok = 0.0
         finally:
             model.zero_grad(set_to_none=True)
-            logits = None
+            loss = None
         if float(all_reduce_mean(torch.tensor(ok), d)) == 1.0:  # every rank must fit
             if d.is_main:
                 print(f"micro_batch_size: {micro} (largest that fits)", file=sys.stderr)
