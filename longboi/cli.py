@@ -293,7 +293,95 @@ def train_tokenizer(files: list[str], *, vocab_size: int, out: str, holdout_frac
     return Path(out)
 
 
-COMMANDS: list[Callable] = [info, init, generate, convert, prepare, train_tokenizer, train, export, plot]
+def eval(  # noqa: A001 - the command is `longboi eval`
+    ckpt: str,
+    *,
+    tasks: str,
+    data_root: str = ".",
+    out: str | None = None,
+    gauntlet: str | None = None,
+    max_seq_len: int | None = None,
+    limit: int | None = None,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+) -> dict:
+    """Run in-context-learning tasks (LLM Foundry's task YAML and jsonl format) on a checkpoint.
+
+    Args:
+        ckpt: checkpoint directory.
+        tasks: YAML with an `icl_tasks:` list (e.g. ../shared/data/eval/yamls/tasks_light.yaml).
+        data_root: directory that the tasks' dataset_uri paths are relative to (e.g. ../shared/data).
+        out: where to write results.json and results.md (default: CKPT/eval).
+        gauntlet: a YAML with `eval_gauntlet:` to aggregate category scores.
+        max_seq_len: context length for the tasks (default: the model's max_seq_len).
+        limit: evaluate only the first N examples of each task (quick checks).
+        dtype: compute dtype.
+    """
+    import torch
+
+    from longboi.checkpoint import load_model, load_tokenizer
+    from longboi.eval.harness import evaluate, gauntlet_scores, load_gauntlet, load_tasks, write_results
+
+    task_list = load_tasks(tasks)
+    g = load_gauntlet(gauntlet) if gauntlet else None
+    model = load_model(ckpt, dtype=getattr(torch, dtype))
+    tok = load_tokenizer(ckpt)
+    if tok is None:
+        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    results, skipped = evaluate(model, tok, task_list, data_root, max_seq_len, limit)
+    scores = gauntlet_scores(g, results) if g else None
+    path = write_results(results, skipped, out or Path(ckpt) / "eval", scores)
+    print((path / "results.md").read_text())
+    return {"results": [r.__dict__ for r in results], "skipped": skipped, "gauntlet": scores}
+
+
+def perplexity(
+    ckpt: str,
+    source: str,
+    *,
+    seq_len: int | None = None,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    batch_size: int = 4,
+) -> dict:
+    """Perplexity and bits per byte of a checkpoint on a text file or prepared dataset split.
+
+    Args:
+        ckpt: checkpoint directory.
+        source: a text file, or a prepared split directory (with index.json).
+        seq_len: window length in tokens (default: the model's max_seq_len; longer works for ALiBi).
+        stride: step between windows (default: seq_len - 1; smaller gives every token more context).
+        max_tokens: score at most this many tokens.
+        batch_size: windows per forward pass.
+    """
+    from longboi.checkpoint import load_model, load_tokenizer
+    from longboi.eval.perplexity import load_tokens
+    from longboi.eval.perplexity import perplexity as run
+
+    model = load_model(ckpt)
+    tok = load_tokenizer(ckpt)
+    if tok is None:
+        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    r = run(model, tok, load_tokens(source, tok), seq_len or model.config.max_seq_len, stride, batch_size, max_tokens)
+    print(
+        f"{source}: loss {r.loss:.4f} nats/token, perplexity {r.perplexity:.2f}, {r.bits_per_byte:.4f} bits/byte "
+        f"over {r.tokens:,} tokens ({r.tokens_per_s:,.0f} tokens/s)"
+    )
+    return r.__dict__ | {"tokens_per_s": r.tokens_per_s}
+
+
+COMMANDS: list[Callable] = [
+    info,
+    init,
+    generate,
+    convert,
+    prepare,
+    train_tokenizer,
+    train,
+    export,
+    plot,
+    eval,
+    perplexity,
+]
 _OVERRIDES: list[str] = []  # `--section.key value` pairs after a train config (see main)
 
 

@@ -170,11 +170,16 @@ def stream(model: MPTForCausalLM, tokenizer: Tokenizer, prompt: str, params: Sam
 
 def generate(model: MPTForCausalLM, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams) -> list[str]:
     """Completions for a batch of prompts (any lengths), in order."""
+    return generate_from_ids(model, tokenizer, tokenizer.encode_batch(prompts), params)
+
+
+def generate_from_ids(
+    model: MPTForCausalLM, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams
+) -> list[str]:
+    """Completions (text) of already-tokenized prompts, e.g. left-truncated ones, in order."""
     rows = [_RowText(tokenizer, params.stop) for _ in prompts]
     ended = [False] * len(prompts)
-    for tokens in generate_ids(
-        model, tokenizer.encode_batch(prompts), params, tokenizer.eos_id, tokenizer.vocab_size, tokenizer.pad_id
-    ):
+    for tokens in generate_ids(model, prompts, params, tokenizer.eos_id, tokenizer.vocab_size, tokenizer.pad_id):
         for i, token in enumerate(tokens.tolist()):
             if ended[i] or token == tokenizer.eos_id:
                 ended[i] = True
