@@ -320,3 +320,41 @@ def test_compiled_blocks_train_like_eager(tmp_path, data):
     train(config_from_dict(run_config(data, tmp_path / "compiled", max_duration="3ba", compile=True), "x"))
     a, b = train_losses(tmp_path / "eager"), train_losses(tmp_path / "compiled")
     assert all(abs(a[k] - b[k]) < 1e-3 for k in a)
+
+
+def test_live_icl_eval_during_training_logs_to_metrics(tmp_path, data):
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text("""icl_tasks:
+- {label: piqa, dataset_uri: piqa_small.jsonl, num_fewshot: [0], icl_task_type: multiple_choice}
+- {label: lambada, dataset_uri: lambada_small.jsonl, num_fewshot: [0], icl_task_type: language_modeling}
+""")
+    cfg = run_config(
+        data,
+        tmp_path / "run",
+        max_duration="4ba",
+        **{
+            "eval.icl_tasks": str(tasks),
+            "eval.icl_data_root": str(SHARED / "eval" / "tests_local_data"),
+            "model": {**SMALL_MODEL, "max_seq_len": 256},
+        },
+    )
+    result = train(config_from_dict(cfg, "x"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    icl = [r for r in rows if r["kind"] == "icl"]
+    assert [r["step"] for r in icl] == [4] and 0 <= icl[0]["piqa/0-shot"] <= 1 and "lambada/0-shot" in icl[0]
+    assert "icl/piqa/0-shot" in result.eval
+    budget = run_config(
+        data,
+        tmp_path / "run2",
+        max_duration="4ba",
+        **{
+            "eval.icl_tasks": str(tasks),
+            "eval.icl_data_root": str(SHARED / "eval" / "tests_local_data"),
+            "eval.icl_time_budget_s": 0.0,
+            "model": {**SMALL_MODEL, "max_seq_len": 256},
+        },
+    )
+    train(config_from_dict(budget, "x"))
+    rows = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    icl = next(r for r in rows if r["kind"] == "icl")
+    assert "lambada/0-shot" not in icl and any("time budget" in s for s in icl["skipped"])

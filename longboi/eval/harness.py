@@ -105,12 +105,17 @@ def evaluate(
     data_root: str | Path,
     max_seq_len: int | None = None,
     limit: int | None = None,
+    time_budget_s: float | None = None,
 ) -> tuple[list[TaskResult], list[str]]:
-    """Run every (task, num_fewshot); returns results and the labels skipped for a missing file."""
+    """Run every (task, num_fewshot); returns results and what was skipped (missing file, time budget)."""
     model.eval()
     seq_len = max_seq_len or model.config.max_seq_len
     results, skipped = [], []
+    begin = time.perf_counter()
     for cfg in tasks:
+        if time_budget_s is not None and time.perf_counter() - begin > time_budget_s:
+            skipped.append(f"{cfg.label} (time budget {time_budget_s:.0f}s spent)")
+            continue
         path = Path(data_root) / cfg.dataset_uri
         if not path.is_file():
             skipped.append(f"{cfg.label} ({path} not found)")

@@ -87,6 +87,10 @@ class EvalConfig:
     max_new_tokens: int = 64
     temperature: float = 0.8
     top_k: int | None = 50
+    icl_tasks: str | None = None  # an LLM Foundry-style task YAML, run at every eval
+    icl_data_root: str = "."  # the tasks' dataset_uri paths are relative to this
+    icl_limit: int | None = 200  # examples per task (None: all)
+    icl_time_budget_s: float = 120.0  # stop starting new tasks after this long; the rest are logged skipped
 
 
 @dataclass(frozen=True)

@@ -262,6 +262,22 @@ def evaluate(
             "unigram_val_bpb": baseline[1],
         }
         metrics.log("eval", step, **results)
+    if cfg.eval.icl_tasks:  # in-context-learning tasks; every rank runs them (FSDP), rank 0 logs
+        from longboi.eval.harness import evaluate as run_icl
+        from longboi.eval.harness import load_tasks
+
+        with autocast:
+            icl, skipped = run_icl(
+                model,
+                tok,
+                load_tasks(cfg.eval.icl_tasks),
+                cfg.eval.icl_data_root,
+                limit=cfg.eval.icl_limit,
+                time_budget_s=cfg.eval.icl_time_budget_s,
+            )
+        scores = {f"{r.label}/{r.num_fewshot}-shot": r.accuracy for r in icl}
+        metrics.log("icl", step, **scores, seconds=sum(r.seconds for r in icl), skipped=skipped)
+        results.update({f"icl/{k}": v for k, v in scores.items()})
     if cfg.eval.prompts:  # every rank generates (FSDP needs all of them for each forward); rank 0 logs
         params = SamplingParams(
             max_new_tokens=cfg.eval.max_new_tokens,
