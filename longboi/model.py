@@ -398,13 +398,18 @@ class MPTForCausalLM(nn.Module):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
+        logits_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) ids -> (B, T, vocab) logits; only the last `logits_to_keep` positions if > 0.
 
         With `labels` (B, T) (already shifted: labels[t] is the token after input t; -100 ignores a
         position) it returns the mean cross-entropy instead, computed chunk-wise (ChunkedLMLoss).
+        With `logits_mask` (B, T) bool it returns (N, vocab) logits of the N selected positions only
+        (scoring a few continuation tokens need not pay for the LM head everywhere).
         """
         h = self.transformer(input_ids, attention_mask, sequence_id, cache)
+        if logits_mask is not None:
+            return self.head(h[logits_mask])  # (N, vocab)
         if labels is not None:
             weight = self.head_weight
             if torch.is_autocast_enabled(h.device.type):  # autograd.Function bodies run outside autocast rules

@@ -94,11 +94,15 @@ def _full_sequences(model: MPTForCausalLM, requests: list[LLRequest]) -> list[LL
     ids = torch.zeros(len(seqs), width, dtype=torch.long, device=device)
     for row, s in enumerate(seqs):
         ids[row, : len(s)] = torch.tensor(s)
-    logits = model(ids)  # (B, T, V)
-    out = []
-    for row, r in enumerate(requests):
-        start, end = len(r.context) - 1, len(r.context) + len(r.continuation) - 1
-        out.append(_score(logits[row, start:end], ids[row, start + 1 : end + 1]))
+    spans = [(len(r.context) - 1, len(r.context) + len(r.continuation) - 1) for r in requests]
+    wanted = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (start, end) in enumerate(spans):
+        wanted[row, start:end] = True
+    logits = model(ids, logits_mask=wanted)  # (N, V): the LM head only where a continuation is scored
+    out, at = [], 0
+    for row, (start, end) in enumerate(spans):
+        out.append(_score(logits[at : at + end - start], ids[row, start + 1 : end + 1]))
+        at += end - start
     return out
 
 
@@ -114,11 +118,15 @@ def _shared_context(model: MPTForCausalLM, context: tuple[int, ...], continuatio
     ids = torch.zeros(n, width, dtype=torch.long, device=device)
     for row, c in enumerate(continuations):
         ids[row, : len(c)] = torch.tensor(c)
-    logits = model(ids, cache=cache)  # (n, width, V): position t predicts continuation token t + 1
-    out = []
+    wanted = torch.zeros_like(ids, dtype=torch.bool)  # position t predicts continuation token t + 1
     for row, c in enumerate(continuations):
-        steps = torch.cat([ctx_logits[None], logits[row, : len(c) - 1]])  # predictions of each token of c
+        wanted[row, : len(c) - 1] = True
+    logits = model(ids, cache=cache, logits_mask=wanted)  # (N, V)
+    out, at = [], 0
+    for row, c in enumerate(continuations):
+        steps = torch.cat([ctx_logits[None], logits[at : at + len(c) - 1]])  # predictions of each token of c
         out.append(_score(steps, ids[row, : len(c)]))
+        at += len(c) - 1
     return out
 
 

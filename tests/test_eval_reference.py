@@ -1,0 +1,91 @@
+"""Our harness against EleutherAI's lm-evaluation-harness on the same model and requests.
+
+The model is exported to HF format and loaded by lm-eval's HFLM; both score the same (context,
+continuation) pairs and generate greedily from the same prompts.
+"""
+
+import os
+
+import pytest
+from conftest import SHARED, build, small_config
+
+from longboi.checkpoint import save_checkpoint
+from longboi.eval.engine import greedy_generate, loglikelihoods
+from longboi.eval.tasks import TaskBuilder, TaskConfig, read_rows
+from longboi.tokenizer import Tokenizer
+
+lm_eval = pytest.importorskip("lm_eval")
+FIXTURES = SHARED / "eval" / "tests_local_data"
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tokenizer_path):
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from lm_eval.models.huggingface import HFLM
+
+    model = build(small_config(max_seq_len=512), seed=11)
+    tok = Tokenizer(tokenizer_path)
+    path = tmp_path_factory.mktemp("hf") / "ck"
+    save_checkpoint(model, path, tok)
+    return model, tok, HFLM(pretrained=str(path), device="cpu", batch_size=4, max_length=512)
+
+
+def requests(tok):
+    out = []
+    for fixture, kind, delim in (
+        ("piqa_small.jsonl", "multiple_choice", "\nAnswer: "),
+        ("lambada_small.jsonl", "language_modeling", " "),
+    ):
+        cfg = TaskConfig(label=fixture, dataset_uri=fixture, icl_task_type=kind, continuation_delimiter=delim)
+        builder = TaskBuilder(cfg, tok, read_rows(FIXTURES / fixture, kind), 1)
+        out += [r for ex in builder.examples() for r in ex.requests]
+    return out
+
+
+def test_loglikelihoods_and_greedy_flags_match_lm_eval(pair):
+    from lm_eval.api.instance import Instance
+
+    model, tok, lm = pair
+    reqs = requests(tok)
+    ours = loglikelihoods(model, reqs, max_seq_len=512)
+    texts = [
+        (tok.decode(r.context, skip_special_tokens=False), tok.decode(r.continuation, skip_special_tokens=False))
+        for r in reqs
+    ]
+    theirs = lm.loglikelihood(
+        [Instance(request_type="loglikelihood", doc={}, arguments=t, idx=i) for i, t in enumerate(texts)]
+    )
+    assert len(theirs) == len(ours) >= 10
+    for r, (lp, greedy), req in zip(ours, theirs, reqs):
+        assert abs(r.logprob - lp) <= 1e-4, (r.logprob, lp, req)
+        assert r.greedy == bool(greedy)
+
+
+def test_greedy_generation_matches_lm_eval(pair):
+    from lm_eval.api.instance import Instance
+
+    model, tok, lm = pair
+    rows = read_rows(FIXTURES / "triviaqa_small.jsonl", "generation_task_with_answers")
+    cfg = TaskConfig(
+        label="t", dataset_uri="t", icl_task_type="generation_task_with_answers", continuation_delimiter="\nAnswer:"
+    )
+    prompts = [e.prompt for e in TaskBuilder(cfg, tok, rows, 1).examples()]
+    ours = greedy_generate(model, tok, prompts, ["\n\n"], max_new_tokens=12, max_seq_len=512)
+    args = [
+        (tok.decode(p, skip_special_tokens=False), {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False})
+        for p in prompts
+    ]
+    theirs = lm.generate_until(
+        [Instance(request_type="generate_until", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+    )
+    assert ours == theirs
+
+
+def test_encoding_agrees_for_the_compared_requests(pair):
+    """The comparison above is only meaningful if lm-eval sees the same tokens we score."""
+    _, tok, lm = pair
+    for r in requests(tok)[:6]:
+        ctx = tok.decode(r.context, skip_special_tokens=False)
+        cont = tok.decode(r.continuation, skip_special_tokens=False)
+        context_enc, continuation_enc = lm._encode_pair(ctx, cont)
+        assert tuple(context_enc) == r.context and tuple(continuation_enc) == r.continuation
