@@ -328,32 +328,19 @@ def test_live_icl_eval_during_training_logs_to_metrics(tmp_path, data):
 - {label: piqa, dataset_uri: piqa_small.jsonl, num_fewshot: [0], icl_task_type: multiple_choice}
 - {label: lambada, dataset_uri: lambada_small.jsonl, num_fewshot: [0], icl_task_type: language_modeling}
 """)
-    cfg = run_config(
-        data,
-        tmp_path / "run",
-        max_duration="4ba",
-        **{
-            "eval.icl_tasks": str(tasks),
-            "eval.icl_data_root": str(SHARED / "eval" / "tests_local_data"),
-            "model": {**SMALL_MODEL, "max_seq_len": 256},
-        },
-    )
+    knobs = {
+        "max_duration": "4ba",
+        "eval.icl_tasks": str(tasks),
+        "model": {**SMALL_MODEL, "max_seq_len": 256},
+        "eval.icl_data_root": str(SHARED / "eval" / "tests_local_data"),
+    }
+    cfg = run_config(data, tmp_path / "run", **knobs)
     result = train(config_from_dict(cfg, "x"))
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     icl = [r for r in rows if r["kind"] == "icl"]
     assert [r["step"] for r in icl] == [4] and 0 <= icl[0]["piqa/0-shot"] <= 1 and "lambada/0-shot" in icl[0]
     assert "icl/piqa/0-shot" in result.eval
-    budget = run_config(
-        data,
-        tmp_path / "run2",
-        max_duration="4ba",
-        **{
-            "eval.icl_tasks": str(tasks),
-            "eval.icl_data_root": str(SHARED / "eval" / "tests_local_data"),
-            "eval.icl_time_budget_s": 0.0,
-            "model": {**SMALL_MODEL, "max_seq_len": 256},
-        },
-    )
+    budget = run_config(data, tmp_path / "run2", **knobs, **{"eval.icl_time_budget_s": 0.0})
     train(config_from_dict(budget, "x"))
     rows = [json.loads(x) for x in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     icl = next(r for r in rows if r["kind"] == "icl")
