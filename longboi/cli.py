@@ -242,6 +242,16 @@ def train(config: str) -> dict:
     return {"steps": result.steps, "val_loss": result.val_loss, "final": str(result.final)}
 
 
+def finetune(config: str) -> dict:
+    """Finetune a checkpoint on instruction or chat jsonl (the run config's `finetune:` section + `init_from`).
+
+    Args:
+        config: the run config YAML (see configs/finetune/). The same loop, checkpointing, autoresume,
+            monitoring and torchrun support as `train`; --section.key value overrides keys.
+    """
+    return train(config)
+
+
 def plot(run_dir: str, out: str | None = None) -> Path:
     """Write loss / learning-rate / throughput curves of a training run to a PNG.
 
@@ -377,6 +387,7 @@ COMMANDS: list[Callable] = [
     prepare,
     train_tokenizer,
     train,
+    finetune,
     export,
     plot,
     eval,
@@ -477,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     namespace, extra = parser.parse_known_args(argv)
     args = vars(namespace)
     fn = args.pop("_fn")
-    if extra and fn is not train:
+    if extra and fn not in (train, finetune):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _OVERRIDES[:] = extra
     try:

@@ -441,7 +441,9 @@ class StreamLoader:
         self.consumed = int(state["consumed"])
 
 
-def _stack(items: list[dict]) -> torch.Tensor:
+def _stack(items: list[dict]) -> torch.Tensor | dict[str, torch.Tensor]:
+    if "labels" in items[0]:  # finetuning rows: input_ids, labels, sequence_id
+        return {k: torch.stack([it[k] for it in items]) for k in ("input_ids", "labels", "sequence_id")}
     lengths = {len(it["input_ids"]) for it in items}
     if len(lengths) != 1:
         raise UserError("variable-length samples (documents layout) need packing; prepare with layout chunks")

@@ -34,6 +34,18 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Instruction / chat finetuning data (see longboi.data.finetune for formats and masking)."""
+
+    data: str  # a jsonl of {prompt, response} or {messages}
+    target_prompts: str = "none"  # none | all | length>=N
+    target_responses: Literal["last", "all"] = "last"
+    overflow: Literal["truncate", "drop"] = "truncate"  # examples longer than the model's max_seq_len
+    on_bad_input: Literal["error", "skip"] = "error"
+    seed: int = 17
+
+
+@dataclass(frozen=True)
 class OptimizerConfig:
     name: Literal["adamw", "lion"] = "adamw"
     lr: float = 6e-4
@@ -98,9 +110,10 @@ class TrainConfig:
     run_dir: str
     model: ModelConfig
     tokenizer: str
-    data: DataConfig
     max_duration: str  # 1000ba (optimizer steps), 2e9tok (tokens), 1ep (epochs)
     global_batch_size: int
+    data: DataConfig | None = None  # pretraining data (prepared shards)
+    finetune: FinetuneConfig | None = None  # or finetuning data (jsonl), with init_from a checkpoint
     micro_batch_size: int | None = None  # None: the largest that fits, found by trying
     precision: Literal["fp32", "bf16"] = "bf16"
     grad_clip: float | None = 1.0
@@ -146,6 +159,8 @@ def config_from_dict(data: dict[str, Any], where: str) -> TrainConfig:
         sources = [sources] if isinstance(sources, str) else sources
         data["data"] = {**data_section, "sources": [{"path": s} if isinstance(s, str) else s for s in sources]}
     cfg = from_dict(TrainConfig, data, where)
+    if (cfg.data is None) == (cfg.finetune is None):
+        raise UserError(f"{where}: give exactly one of `data` (pretraining shards) or `finetune` (jsonl)")
     parse_duration(cfg.max_duration, where=f"{where}: max_duration")
     if cfg.global_batch_size <= 0 or (cfg.micro_batch_size is not None and cfg.micro_batch_size <= 0):
         raise UserError(f"{where}: global_batch_size and micro_batch_size must be positive")

@@ -70,13 +70,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     run = Path(cfg.run_dir)
     tok = Tokenizer(cfg.tokenizer)
     model = _build_model(cfg, tok, d)
-    data = StreamingDataset(
-        cfg.data.sources, seed=cfg.data.seed, shuffle_block=cfg.data.shuffle_block, cache=cfg.data.cache
-    )
-    _check_data(data, tok, cfg)
+    data = _training_data(cfg, tok, d)
     per_rank = cfg.global_batch_size // d.world_size
     micro = cfg.micro_batch_size or find_micro_batch(model, data.seq_len, per_rank, cfg.precision, d)
-    loader = StreamLoader(data, cfg.global_batch_size, micro, d.rank, d.world_size, cfg.data.num_workers)
+    workers = cfg.data.num_workers if cfg.data else 0
+    loader = StreamLoader(data, cfg.global_batch_size, micro, d.rank, d.world_size, workers)
     wrapped = parallelize(model, d, cfg.parallel, cfg.precision == "bf16", cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(wrapped, cfg.optimizer)
     tokens_per_step = cfg.global_batch_size * data.seq_len
@@ -178,11 +176,15 @@ def train_step(
     """Forward/backward over `accum` micro-batches; returns (mean loss over the global batch, grad norm)."""
     total = torch.zeros((), device=d.device)
     for i in range(accum):
-        batch = next(batches).to(d.device, non_blocking=True)
-        inputs, labels = batch[:, :-1], batch[:, 1:]
+        batch = next(batches)
+        if isinstance(batch, dict):  # finetuning: packed rows, labels already shifted and masked
+            inputs, labels, seq = (batch[k].to(d.device) for k in ("input_ids", "labels", "sequence_id"))
+        else:  # pretraining: fixed-length samples
+            batch = batch.to(d.device, non_blocking=True)
+            inputs, labels, seq = batch[:, :-1], batch[:, 1:], None
         with _no_sync(model, last=i == accum - 1):
             with autocast:
-                loss = model(inputs, labels=labels)  # fused, chunked LM head + cross-entropy
+                loss = model(inputs, sequence_id=seq, labels=labels)  # fused, chunked LM head + cross-entropy
             (loss / accum).backward()
         total += loss.detach() / accum
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
@@ -251,7 +253,7 @@ def evaluate(
     """Validation loss/perplexity/bits per byte on the held-out split, and samples from the fixed prompts."""
     wrapped.eval()
     results: dict = {}
-    if cfg.data.val:
+    if cfg.data is not None and cfg.data.val:
         val_loss, bpb = validation_loss(wrapped, tok, cfg, d, autocast)
         baseline = unigram_baseline(cfg, tok)
         results = {
@@ -372,6 +374,32 @@ def _build_model(cfg: TrainConfig, tok: Tokenizer, d: Dist) -> MPTForCausalLM:
                 f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}"
             ) from e
     return model.to(d.device).train()
+
+
+def _training_data(cfg: TrainConfig, tok: Tokenizer, d: Dist):
+    """Pretraining shards (StreamingDataset), or finetuning jsonl packed into max_seq_len rows."""
+    if cfg.data is not None:
+        data = StreamingDataset(
+            cfg.data.sources, seed=cfg.data.seed, shuffle_block=cfg.data.shuffle_block, cache=cfg.data.cache
+        )
+        _check_data(data, tok, cfg)
+        return data
+    from longboi.data.finetune import PackedDataset, load_examples, pack
+
+    ft = cfg.finetune
+    assert ft is not None
+    examples, report = load_examples(
+        ft.data, tok, cfg.model.max_seq_len, ft.target_prompts, ft.target_responses, ft.overflow, ft.on_bad_input
+    )
+    rows, efficiency = pack(examples, cfg.model.max_seq_len, tok.pad_id)
+    if d.is_main:
+        print(
+            f"finetune data: {report.examples} examples ({report.truncated} truncated, {report.dropped} dropped, "
+            f"{report.skipped} skipped) packed into {len(rows['input_ids'])} rows of {cfg.model.max_seq_len} "
+            f"tokens, packing efficiency {efficiency:.1%}",
+            file=sys.stderr,
+        )
+    return PackedDataset(rows, ft.seed)
 
 
 def _check_data(data: StreamingDataset, tok: Tokenizer, cfg: TrainConfig) -> None:
