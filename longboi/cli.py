@@ -252,6 +252,23 @@ def finetune(config: str) -> dict:
     return train(config)
 
 
+def merge(base: str, adapter: str, out: str) -> Path:
+    """Fold a LoRA adapter into its base checkpoint: a plain checkpoint with the same outputs.
+
+    Args:
+        base: the base checkpoint directory the adapter was trained on.
+        adapter: the adapter directory (RUN/adapter: adapter_model.safetensors + adapter_config.json).
+        out: the merged checkpoint directory to write.
+    """
+    from longboi.checkpoint import load_model, load_tokenizer, save_checkpoint
+    from longboi.lora import load_adapter
+    from longboi.lora import merge as fold
+
+    path = save_checkpoint(fold(load_adapter(load_model(base), adapter)), out, load_tokenizer(base))
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
 def plot(run_dir: str, out: str | None = None) -> Path:
     """Write loss / learning-rate / throughput curves of a training run to a PNG.
 
@@ -388,6 +405,7 @@ COMMANDS: list[Callable] = [
     train_tokenizer,
     train,
     finetune,
+    merge,
     export,
     plot,
     eval,

@@ -19,6 +19,7 @@ import yaml
 from longboi.config import ModelConfig, from_dict, preset
 from longboi.data.stream import CacheConfig, Source
 from longboi.errors import UserError
+from longboi.lora import LoraSettings
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class TrainConfig:
     global_batch_size: int
     data: DataConfig | None = None  # pretraining data (prepared shards)
     finetune: FinetuneConfig | None = None  # or finetuning data (jsonl), with init_from a checkpoint
+    lora: LoraSettings | None = None  # train LoRA adapters only (on init_from's weights)
     micro_batch_size: int | None = None  # None: the largest that fits, found by trying
     precision: Literal["fp32", "bf16"] = "bf16"
     grad_clip: float | None = 1.0
@@ -159,6 +161,8 @@ def config_from_dict(data: dict[str, Any], where: str) -> TrainConfig:
         sources = [sources] if isinstance(sources, str) else sources
         data["data"] = {**data_section, "sources": [{"path": s} if isinstance(s, str) else s for s in sources]}
     cfg = from_dict(TrainConfig, data, where)
+    if cfg.lora is not None and cfg.init_from is None:
+        raise UserError(f"{where}: lora trains adapters on a base model: set init_from to its checkpoint")
     if (cfg.data is None) == (cfg.finetune is None):
         raise UserError(f"{where}: give exactly one of `data` (pretraining shards) or `finetune` (jsonl)")
     parse_duration(cfg.max_duration, where=f"{where}: max_duration")

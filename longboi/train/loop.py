@@ -29,6 +29,7 @@ from longboi.config import to_mpt_dict
 from longboi.data.stream import StreamingDataset, StreamLoader
 from longboi.errors import UserError
 from longboi.generate import SamplingParams, generate
+from longboi.lora import add_lora, is_lora, load_adapter, merge, save_adapter
 from longboi.model import MPTForCausalLM
 from longboi.plan import model_stats
 from longboi.tokenizer import Tokenizer
@@ -70,6 +71,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     run = Path(cfg.run_dir)
     tok = Tokenizer(cfg.tokenizer)
     model = _build_model(cfg, tok, d)
+    if cfg.lora is not None:
+        if d.enabled and cfg.parallel == "fsdp":
+            raise UserError("LoRA is not supported with FSDP here (untested with peft); set parallel: ddp")
+        model = add_lora(model, cfg.lora)
     data = _training_data(cfg, tok, d)
     per_rank = cfg.global_batch_size // d.world_size
     micro = cfg.micro_batch_size or find_micro_batch(model, data.seq_len, per_rank, cfg.precision, d)
@@ -158,7 +163,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.checkpoint.save_final and progress.step > 0:
         if not ckpt.checkpoints(run) or ckpt.checkpoints(run)[-1].name != f"step-{progress.step:08d}":
             ckpt.save(run, progress.step, wrapped, optimizer, _train_state(progress, cfg), d, cfg.checkpoint.keep)
-        final = export_final(wrapped, run / "final", tok, d)
+        final = export_lora(model, cfg, run, tok, d) if is_lora(model) else export_final(wrapped, run / "final", tok, d)
     metrics.close()
     barrier(d)
     return TrainResult(run, final, progress.step, last_eval.get("val_loss"), loss, last_eval)
@@ -352,6 +357,17 @@ def export_final(model: torch.nn.Module, out: Path, tok: Tokenizer, d: Dist) -> 
         save_checkpoint(fresh, out, tok)
     barrier(d)
     return out
+
+
+def export_lora(model: MPTForCausalLM, cfg: TrainConfig, run: Path, tok: Tokenizer, d: Dist) -> Path:
+    """RUN/adapter (the LoRA weights alone) and RUN/final (base + adapter merged, a plain checkpoint)."""
+    if d.is_main:
+        adapter = save_adapter(model, run / "adapter", base=cfg.init_from)
+        base = MPTForCausalLM(cfg.model)
+        base.load_state_dict(load_model(cfg.init_from).state_dict())  # type: ignore[arg-type]
+        save_checkpoint(merge(load_adapter(base, adapter)), run / "final", tok)
+    barrier(d)
+    return run / "final"
 
 
 def unwrap_base(model: torch.nn.Module) -> MPTForCausalLM:
