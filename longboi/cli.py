@@ -252,6 +252,62 @@ def finetune(config: str) -> dict:
     return train(config)
 
 
+def chat(
+    ckpt: str,
+    system: str | None = None,
+    max_new_tokens: int = 256,
+    temperature: float = 0.7,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    seed: int | None = None,
+    dtype: Literal["float32", "bfloat16"] = "float32",
+) -> None:
+    """Chat with a checkpoint: a REPL on a terminal, or one user message per stdin line for scripting.
+
+    Args:
+        ckpt: checkpoint directory (a chat-finetuned model answers best).
+        system: a system prompt for the conversation.
+        max_new_tokens: longest reply.
+        temperature: sampling temperature; 0 means greedy.
+        top_k: sample only from the k most likely tokens.
+        top_p: nucleus sampling threshold.
+        seed: random seed, for reproducible replies.
+        dtype: compute dtype.
+    """
+    import torch
+
+    from longboi.chat import ChatSession
+    from longboi.checkpoint import load_model, load_tokenizer
+    from longboi.generate import SamplingParams
+
+    tok = load_tokenizer(ckpt)
+    if tok is None:
+        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    session = ChatSession(load_model(ckpt, dtype=getattr(torch, dtype)), tok, params, system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("longboi chat: /reset clears the conversation, /exit (or Ctrl-D) quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if text == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if not text:
+            continue
+        print("assistant> ", end="", flush=True)
+        for piece in session.send(text):
+            print(piece, end="", flush=True)
+        print()
+
+
 def merge(base: str, adapter: str, out: str) -> Path:
     """Fold a LoRA adapter into its base checkpoint: a plain checkpoint with the same outputs.
 
@@ -405,6 +461,7 @@ COMMANDS: list[Callable] = [
     train_tokenizer,
     train,
     finetune,
+    chat,
     merge,
     export,
     plot,
