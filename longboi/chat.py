@@ -1,10 +1,10 @@
-"""Multi-turn chat with a checkpoint: history, the ChatML template (as in finetuning), streaming."""
+"""Multi-turn chat with a checkpoint: history, the chat template (as in finetuning), streaming."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from longboi.data.finetune import chatml, chatml_open
+from longboi.data.finetune import render_chat
 from longboi.generate import SamplingParams, stream
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
@@ -15,13 +15,15 @@ class ChatSession:
 
     def __init__(self, model: MPTForCausalLM, tok: Tokenizer, params: SamplingParams, system: str | None = None):
         self.model, self.tok, self.system = model, tok, system
-        # A reply ends at the end-of-turn marker the finetuning data taught the model.
-        self.params = SamplingParams(**{**params.__dict__, "stop": tuple(params.stop) + ("<|im_end|>",)})
+        # With ChatML a reply ends at the end-of-turn marker the finetuning data taught the model;
+        # other templates end replies with EOS (appended to every training example).
+        end = () if tok.chat_template else ("<|im_end|>",)
+        self.params = SamplingParams(**{**params.__dict__, "stop": tuple(params.stop) + end})
         self.messages: list[dict[str, str]] = []
 
     def prompt(self) -> str:
         turns = ([{"role": "system", "content": self.system}] if self.system else []) + self.messages
-        return "".join(chatml(m["role"], m["content"]) for m in turns) + chatml_open("assistant")
+        return render_chat(turns, self.tok.chat_template, add_generation_prompt=True)
 
     def send(self, text: str) -> Iterator[str]:
         self.messages.append({"role": "user", "content": text})

@@ -41,6 +41,7 @@ class Tokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise UserError(f"{self.path}: not a valid HF tokenizer.json ({e})") from e
         special = self._special_tokens_from_config()
+        self.chat_template: str | None = special.pop("chat_template", None)
         self.eos_id = self._find(special.get("eos_token"), EOS_CANDIDATES)
         pad = self._find(special.get("pad_token"), PAD_CANDIDATES)
         self.pad_id = pad if pad is not None else self.eos_id
@@ -55,6 +56,8 @@ class Tokenizer:
         for key in ("eos_token", "pad_token"):
             value = cfg.get(key)
             out[key] = value.get("content") if isinstance(value, dict) else value
+        if isinstance(cfg.get("chat_template"), str):  # a Jinja template, used by chat and finetuning
+            out["chat_template"] = cfg["chat_template"]
         return {k: v for k, v in out.items() if v}
 
     def _find(self, preferred: str | None, candidates: Iterable[str]) -> int | None:
@@ -102,6 +105,8 @@ class Tokenizer:
             config["eos_token"] = config["bos_token"] = config["unk_token"] = self._tok.id_to_token(self.eos_id)
         if self.pad_id is not None:
             config["pad_token"] = self._tok.id_to_token(self.pad_id)
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

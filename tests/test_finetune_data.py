@@ -112,3 +112,31 @@ def test_packing_never_mixes_examples(tok):
             out = model(torch.tensor([e.input_ids]))[0]
             alone.append(round(float(F.cross_entropy(out, torch.tensor(e.labels), ignore_index=IGNORE)), 4))
     assert sorted(packed_losses) == sorted(alone)  # ALiBi is relative: packed = alone, to 1e-4
+
+
+def test_the_tokenizers_own_jinja_chat_template_is_used_for_training_and_chat(tmp_path, tokenizer_path):
+    from longboi.chat import ChatSession
+    from longboi.data.finetune import render_chat
+    from longboi.generate import SamplingParams
+
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    Tokenizer(tokenizer_path).save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    tok = Tokenizer(tmp_path)
+    assert tok.chat_template == template
+    ex = tokenize_row(CHAT, tok, "x", target_responses="all")
+    assert trained_text(tok, ex) == "Hello.\nFour.\n<|endoftext|>"  # only the assistant turns (and EOS)
+    rendered = render_chat(CHAT["messages"], template, add_generation_prompt=False)
+    assert tok.decode(ex.input_ids + [ex.labels[-1]], skip_special_tokens=False) == rendered + "<|endoftext|>"
+    session = ChatSession(build(small_config()), tok, SamplingParams(max_new_tokens=3, temperature=0), "Be brief.")
+    session.messages = CHAT["messages"][1:4]
+    assert session.prompt() == "[system] Be brief.\n[user] Hi?\n[assistant] Hello.\n[user] 2+2?\n[assistant] "
+    broken = "{{ messages | length }}"  # renders are not growing prefixes: refused, not mis-masked
+    with pytest.raises(ValueError, match="growing prefixes"):
+        from longboi.data.finetune import _segments
+
+        _segments(CHAT, "x", broken)

@@ -50,21 +50,44 @@ class FinetuneReport:
     skip_examples: list[str] | None = None
 
 
-def _segments(row: dict, where: str) -> list[tuple[str, bool]]:
+def render_chat(messages: list[dict], template: str | None, add_generation_prompt: bool) -> str:
+    """The conversation as text: the tokenizer's Jinja chat template if it has one, else ChatML."""
+    if template is None:
+        text = "".join(chatml(m["role"], m["content"]) for m in messages)
+        return text + (chatml_open("assistant") if add_generation_prompt else "")
+    import jinja2  # a torch dependency, always installed
+
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
+    )
+
+
+def _chat_segments(messages: list, where: str, template: str | None) -> list[tuple[str, bool]]:
+    """Render prefixes of the conversation; each assistant reply is the text its turn adds after the
+    generation prompt, so masking follows any template whose renders extend each other."""
+    out, prev = [], ""
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}: each message needs role in {ROLES} and string content, got {m!r}")
+        full = render_chat(messages[: i + 1], template, add_generation_prompt=False)
+        head = render_chat(messages[:i], template, add_generation_prompt=True) if m["role"] == "assistant" else full
+        if not (head.startswith(prev) and full.startswith(head)):
+            raise ValueError(f"{where}: the chat template does not render conversations as growing prefixes")
+        out.append((head[len(prev) :], False))
+        if m["role"] == "assistant":
+            out.append((full[len(head) :], True))
+        prev = full
+    return [(text, is_response) for text, is_response in out if text or is_response]
+
+
+def _segments(row: dict, where: str, template: str | None = None) -> list[tuple[str, bool]]:
     """(text, is_response) pieces of one row, in order."""
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
             raise ValueError(f"{where}: `messages` must be a non-empty list")
-        out = []
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"{where}: each message needs role in {ROLES} and string content, got {m!r}")
-            if m["role"] == "assistant":
-                out.append((chatml_open("assistant"), False))
-                out.append((m["content"] + "<|im_end|>\n", True))
-            else:
-                out.append((chatml(m["role"], m["content"]), False))
+        out = _chat_segments(messages, where, template)
         if not any(is_response for _, is_response in out):
             raise ValueError(f"{where}: a chat example needs at least one assistant message")
         return out
@@ -84,7 +107,7 @@ def tokenize_row(
     target_responses: Literal["last", "all"] = "last",
 ) -> Example:
     """Token ids with labels per the masking rules; EOS ends the example (and is a target)."""
-    segments = _segments(row, where)
+    segments = _segments(row, where, tok.chat_template)
     last_response = max(i for i, (_, r) in enumerate(segments) if r)
     ids, labels = [], []
     for i, (text, is_response) in enumerate(segments):
