@@ -63,9 +63,11 @@ def config_json(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def atomic_directory(path: Path):
-    """Context manager: yields a temp dir beside `path`; on success it replaces `path` in one rename.
+    """Context manager: yields a temp dir beside `path`; on success it takes `path`'s place atomically.
 
-    A crash before the rename leaves the previous `path` untouched (a stray `.tmp-*` at most).
+    An existing `path` is swapped with the new directory in one renameat2(RENAME_EXCHANGE) on
+    Linux, so at every instant `path` is either the complete old or the complete new version; a
+    crash leaves a stray `.tmp-*` at most.
     """
     return _AtomicDir(Path(path))
 
@@ -86,13 +88,29 @@ class _AtomicDir:
         for f in self.tmp.iterdir():  # data on disk before the rename makes it visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        if self.path.exists() and _exchange(self.tmp, self.path):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # now holds the previous version
+            return
         old = None
-        if self.path.exists():
+        if self.path.exists():  # no atomic exchange here: a crash between these renames loses `path`
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def save_checkpoint(

@@ -320,7 +320,8 @@ def test_cache_size_limit_evicts_old_shards(s3_shakespeare, tmp_path):
     )
     for g in range(0, len(ds), 50):
         ds[g]
-    time.sleep(0.5)  # let background prefetches finish
+    if ds._prefetcher is not None:  # let background prefetches finish, then look
+        ds._prefetcher.shutdown(wait=True)
     cached = sum(p.stat().st_size for p in (tmp_path / "c").rglob("*.bin"))
     assert cached <= 4 * shard_bytes
 
