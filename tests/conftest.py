@@ -29,3 +29,22 @@ def tokenizer_path() -> Path:
     if not TOKENIZER.is_file():
         pytest.fail(f"shared data missing: {TOKENIZER} (the repo expects ../shared/data beside it)")
     return TOKENIZER
+
+
+def finetune_run(base: Path, **changes) -> dict:
+    """A small finetuning run config on the Dolly sample, starting from checkpoint `base`."""
+    cfg = {
+        "model": {"preset": "tiny", "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 64},
+        "tokenizer": str(TOKENIZER),
+        "init_from": str(base),
+        "finetune": {"data": str(SHARED / "instruct" / "dolly_hhrlhf_small.jsonl")},
+        "max_duration": "8ba",
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "precision": "fp32",
+        "optimizer": {"lr": 1e-3},
+        "checkpoint": {"every": "2ba"},
+        "log": {"every": 1, "progress": False},
+        "eval": {"every": "0ba"},
+    }
+    return {**cfg, **changes}

@@ -82,29 +82,21 @@ def test_fsdp_save_on_two_processes_resumes_on_one(tmp_path, data, single):  # n
 
 
 def test_lora_finetune_with_ddp_matches_one_process(tmp_path):
-    from conftest import SHARED, TOKENIZER, build, small_config
+    from conftest import TOKENIZER, build, finetune_run, small_config
 
     from longboi.checkpoint import save_checkpoint
     from longboi.tokenizer import Tokenizer
 
     base = tmp_path / "base"
     save_checkpoint(build(small_config(max_seq_len=64)), base, Tokenizer(TOKENIZER))
-    common = {
-        "model": dict(SMALL_MODEL, max_seq_len=64),
-        "tokenizer": str(TOKENIZER),
-        "init_from": str(base),
-        "finetune": {"data": str(SHARED / "instruct" / "dolly_hhrlhf_small.jsonl")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "parallel": "ddp",
-        "max_duration": "4ba",
-        "global_batch_size": 8,
-        "micro_batch_size": 2,
-        "precision": "fp32",
-        "optimizer": {"lr": 1e-2},
-        "checkpoint": {"every": "2ba"},
-        "log": {"every": 1, "progress": False},
-        "eval": {"every": "0ba"},
-    }
+    common = finetune_run(
+        base,
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        parallel="ddp",
+        max_duration="4ba",
+        global_batch_size=8,
+        optimizer={"lr": 1e-2},
+    )
     one = write(tmp_path, "one", {**common, "run_dir": str(tmp_path / "one")})
     two = write(tmp_path, "two", {**common, "run_dir": str(tmp_path / "two")})
     assert main(["finetune", str(one)]) == 0

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import yaml
-from conftest import SHARED, TOKENIZER, build, small_config
+from conftest import TOKENIZER, build, finetune_run, small_config
 from safetensors.torch import load_file
 
 from longboi.checkpoint import load_model, save_checkpoint
@@ -42,22 +42,14 @@ def test_adapter_save_load_and_merge_give_the_same_logits(tmp_path):
 def test_lora_finetune_trains_adapters_only_and_merge_cli_matches(tmp_path):
     base_dir = tmp_path / "base"
     save_checkpoint(build(small_config(max_seq_len=64)), base_dir, Tokenizer(TOKENIZER))
-    cfg = {
-        "run_dir": str(tmp_path / "run"),
-        "model": {"preset": "tiny", "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 64},
-        "tokenizer": str(TOKENIZER),
-        "init_from": str(base_dir),
-        "finetune": {"data": str(SHARED / "instruct" / "dolly_hhrlhf_small.jsonl")},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "max_duration": "6ba",
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-        "precision": "fp32",
-        "optimizer": {"lr": 1e-2},
-        "checkpoint": {"every": "3ba"},
-        "log": {"every": 1, "progress": False},
-        "eval": {"every": "0ba"},
-    }
+    cfg = finetune_run(
+        base_dir,
+        run_dir=str(tmp_path / "run"),
+        lora={"r": 4, "alpha": 8, "dropout": 0.0},
+        max_duration="6ba",
+        optimizer={"lr": 1e-2},
+        checkpoint={"every": "3ba"},
+    )
     path = tmp_path / "lora.yaml"
     path.write_text(yaml.safe_dump(cfg))
     assert main(["finetune", str(path)]) == 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SHARED, TOKENIZER
+from conftest import ROOT, SHARED, TOKENIZER, finetune_run
 from safetensors.torch import load_file
 
 import longboi.train.loop as loop
@@ -354,20 +354,7 @@ def test_finetune_resumes_bit_identically_after_kill_9(tmp_path):
 
     base = tmp_path / "base"
     save_checkpoint(build(small_config()), base, Tokenizer(TOKENIZER))
-    common = {
-        "model": dict(SMALL_MODEL, max_seq_len=64),
-        "tokenizer": str(TOKENIZER),
-        "init_from": str(base),
-        "finetune": {"data": str(SHARED / "instruct" / "dolly_hhrlhf_small.jsonl")},
-        "max_duration": "8ba",
-        "global_batch_size": 4,
-        "micro_batch_size": 2,
-        "precision": "fp32",
-        "optimizer": {"lr": 1e-3},
-        "checkpoint": {"every": "2ba"},
-        "log": {"every": 1, "progress": False},
-        "eval": {"every": "0ba"},
-    }
+    common = finetune_run(base)
     paths = {}
     for name in ("straight", "crashed"):
         (tmp_path / name).mkdir()
