@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -165,11 +165,3 @@ class StreamDecoder:
 
     def text(self) -> str:
         return self.tok.decode(self.ids)
-
-
-def iter_pieces(tokenizer: Tokenizer, ids: Iterable[int]) -> Iterator[str]:
-    decoder = StreamDecoder(tokenizer)
-    for token_id in ids:
-        piece = decoder.push(token_id)
-        if piece:
-            yield piece

@@ -351,7 +351,7 @@ def export_final(model: torch.nn.Module, out: Path, tok: Tokenizer, d: Dist) -> 
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        inner = unwrap_base(model)
+        inner = unwrap(model)
         fresh = MPTForCausalLM(inner.config)
         fresh.load_state_dict(full)
         save_checkpoint(fresh, out, tok)
@@ -368,10 +368,6 @@ def export_lora(model: MPTForCausalLM, cfg: TrainConfig, run: Path, tok: Tokeniz
         save_checkpoint(merge(load_adapter(base, adapter)), run / "final", tok)
     barrier(d)
     return run / "final"
-
-
-def unwrap_base(model: torch.nn.Module) -> MPTForCausalLM:
-    return model if isinstance(model, MPTForCausalLM) else unwrap(model)
 
 
 def _build_model(cfg: TrainConfig, tok: Tokenizer, d: Dist) -> MPTForCausalLM:

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from longboi.checkpoint import save_checkpoint
-from longboi.config import from_mpt_dict, to_mpt_dict
+from longboi.config import from_mpt_dict
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 from longboi.train.parallelize import Dist, barrier
@@ -98,7 +98,3 @@ def export_weights(train_ckpt: str | Path, out: str | Path, tokenizer: str | Pat
     model.load_state_dict(state["model"])
     tok_path = tokenizer or info.get("tokenizer")
     return save_checkpoint(model, out, Tokenizer(tok_path) if tok_path else None)
-
-
-def model_config_json(model: MPTForCausalLM) -> dict:
-    return to_mpt_dict(model.config)
