@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from longboi.config import Precision
 from longboi.errors import UserError
 
 
@@ -83,7 +84,7 @@ def generate(
     repetition_penalty: float = 1.0,
     stop: list[str] | None = None,
     seed: int | None = None,
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    dtype: Precision = "auto",
     allow_pickle: bool = False,
 ) -> str:
     """Generate a completion of a prompt, streaming it to stdout.
@@ -99,19 +100,13 @@ def generate(
         repetition_penalty: >1 discourages repeating tokens already in the text.
         stop: stop when the text contains one of these strings (repeatable).
         seed: random seed, for reproducible sampling.
-        dtype: weights/compute dtype (bfloat16 halves memory; never float16 on CPU).
+        dtype: weights/compute dtype: auto (bf16 where the device computes it natively, else fp32), fp32, bf16.
         allow_pickle: allow loading .bin/.pt weights (pickle can run code: trusted files only).
     """
-    import torch
-
-    from longboi.checkpoint import load_model, load_tokenizer
     from longboi.generate import SamplingParams, stream
 
     text = _read_prompt(prompt, prompt_file)
-    model = load_model(ckpt, allow_pickle=allow_pickle, dtype=getattr(torch, dtype))
-    tok = load_tokenizer(ckpt)
-    if tok is None:
-        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    model, tok = _load(ckpt, dtype, allow_pickle)
     n_prompt = len(tok.encode(text))
     if n_prompt > model.config.max_seq_len:
         if not model.config.alibi:
@@ -260,7 +255,7 @@ def chat(
     top_k: int | None = 50,
     top_p: float | None = None,
     seed: int | None = None,
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    dtype: Precision = "auto",
 ) -> None:
     """Chat with a checkpoint: a REPL on a terminal, or one user message per stdin line for scripting.
 
@@ -272,19 +267,14 @@ def chat(
         top_k: sample only from the k most likely tokens.
         top_p: nucleus sampling threshold.
         seed: random seed, for reproducible replies.
-        dtype: compute dtype.
+        dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
     """
-    import torch
-
     from longboi.chat import ChatSession
-    from longboi.checkpoint import load_model, load_tokenizer
     from longboi.generate import SamplingParams
 
-    tok = load_tokenizer(ckpt)
-    if tok is None:
-        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    model, tok = _load(ckpt, dtype)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    session = ChatSession(load_model(ckpt, dtype=getattr(torch, dtype)), tok, params, system)
+    session = ChatSession(model, tok, params, system)
     interactive = sys.stdin.isatty()
     if interactive:
         print("longboi chat: /reset clears the conversation, /exit (or Ctrl-D) quits", file=sys.stderr)
@@ -385,7 +375,7 @@ def eval(  # noqa: A001 - the command is `longboi eval`
     gauntlet: str | None = None,
     max_seq_len: int | None = None,
     limit: int | None = None,
-    dtype: Literal["float32", "bfloat16"] = "float32",
+    dtype: Precision = "auto",
 ) -> dict:
     """Run in-context-learning tasks (LLM Foundry's task YAML and jsonl format) on a checkpoint.
 
@@ -397,19 +387,13 @@ def eval(  # noqa: A001 - the command is `longboi eval`
         gauntlet: a YAML with `eval_gauntlet:` to aggregate category scores.
         max_seq_len: context length for the tasks (default: the model's max_seq_len).
         limit: evaluate only the first N examples of each task (quick checks).
-        dtype: compute dtype.
+        dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
     """
-    import torch
-
-    from longboi.checkpoint import load_model, load_tokenizer
     from longboi.eval.harness import evaluate, gauntlet_scores, load_gauntlet, load_tasks, write_results
 
     task_list = load_tasks(tasks)
     g = load_gauntlet(gauntlet) if gauntlet else None
-    model = load_model(ckpt, dtype=getattr(torch, dtype))
-    tok = load_tokenizer(ckpt)
-    if tok is None:
-        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    model, tok = _load(ckpt, dtype)
     results, skipped = evaluate(model, tok, task_list, data_root, max_seq_len, limit)
     scores = gauntlet_scores(g, results) if g else None
     path = write_results(results, skipped, out or Path(ckpt) / "eval", scores)
@@ -425,6 +409,7 @@ def perplexity(
     stride: int | None = None,
     max_tokens: int | None = None,
     batch_size: int = 4,
+    dtype: Precision = "auto",
 ) -> dict:
     """Perplexity and bits per byte of a checkpoint on a text file or prepared dataset split.
 
@@ -435,15 +420,12 @@ def perplexity(
         stride: step between windows (default: seq_len - 1; smaller gives every token more context).
         max_tokens: score at most this many tokens.
         batch_size: windows per forward pass.
+        dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
     """
-    from longboi.checkpoint import load_model, load_tokenizer
     from longboi.eval.perplexity import load_tokens
     from longboi.eval.perplexity import perplexity as run
 
-    model = load_model(ckpt)
-    tok = load_tokenizer(ckpt)
-    if tok is None:
-        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    model, tok = _load(ckpt, dtype)
     r = run(model, tok, load_tokens(source, tok), seq_len or model.config.max_seq_len, stride, batch_size, max_tokens)
     print(
         f"{source}: loss {r.loss:.4f} nats/token, perplexity {r.perplexity:.2f}, {r.bits_per_byte:.4f} bits/byte "
@@ -484,6 +466,20 @@ def _config_of(target: str):
     if target in PRESETS or not Path(target).exists():
         return preset(target)
     return load_config(target)
+
+
+def _load(ckpt: str, dtype: Precision, allow_pickle: bool = False):
+    """A checkpoint's model (in the resolved precision, printed once) and its tokenizer."""
+    import torch
+
+    from longboi.checkpoint import load_model, load_tokenizer
+    from longboi.hardware import resolve_precision
+
+    tok = load_tokenizer(ckpt)
+    if tok is None:
+        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    choice = resolve_precision(dtype, torch.device("cpu"))
+    return load_model(ckpt, allow_pickle=allow_pickle, dtype=choice.dtype), tok
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:

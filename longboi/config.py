@@ -18,6 +18,8 @@ from typing import Any, Literal
 from longboi.errors import UserError
 
 AttnType = Literal["multihead_attention", "grouped_query_attention", "multiquery_attention"]
+# Compute precision: auto takes bf16 where the device computes it natively, else fp32 (longboi.hardware).
+Precision = Literal["auto", "fp32", "bf16"]
 NormType = Literal["layernorm", "low_precision_layernorm", "rmsnorm"]
 AttnImpl = Literal["sdpa", "eager", "flash"]
 InitScheme = Literal["kaiming_normal", "normal"]

@@ -22,6 +22,9 @@ from longboi.config import ModelConfig
 
 # Bytes of attention bias built at once; bounds prefill memory at any context length.
 ATTN_CHUNK_BYTES = 64 * 2**20
+# A forward's bias chunks are built once and shared by every layer when they total at most this;
+# longer contexts rebuild each chunk per layer instead of holding a (T x T) bias.
+BIAS_CACHE_BYTES = 256 * 2**20
 # Token rows per chunk of the fused LM-head loss: (rows x vocab) fp32 logits live at once.
 LOSS_CHUNK_ROWS = 1024
 
@@ -121,9 +124,10 @@ class AttentionMask:
         sequence_id: torch.Tensor | None = None,
     ):
         self.q_len, self.k_len, self.past = q_len, k_len, k_len - q_len
-        self.slopes = slopes.to(device) if slopes is not None else None  # (H,)
+        self.slopes = slopes  # (H,) fp32 on `device`
         self.key_valid = key_valid  # (B, Tk) bool
         self.sequence_id = sequence_id  # (B, Tk) int
+        self._chunks: dict[torch.dtype, list] = {}  # bias chunks shared by all layers (see bias_chunks)
         self.key_pos = torch.arange(k_len, device=device)
         # Key-only ALiBi, slope * (j - (Tk-1)): under a causal mask it differs from MPT's relative
         # bias slope * (j - i) by a per-row constant, which softmax ignores.
@@ -151,9 +155,35 @@ class AttentionMask:
             rel = (-self.slopes[:, None, None] * (q_pos[:, None] - self.key_pos[None, :]).float())[None]
         return rel.masked_fill(~allowed[:, None], float("-inf"))  # (B|1, H|1, c, Tk)
 
-    def row_chunks(self, batch: int, heads: int) -> list[tuple[int, int]]:
-        rows = max(1, ATTN_CHUNK_BYTES // (4 * batch * heads * self.k_len))
+    def bias_shape(self) -> tuple[int, int]:
+        """The (batch, heads) of the bias this mask builds: 1 where it does not vary."""
+        varies = self.sequence_id is not None or self.key_valid is not None
+        batch = next(t.shape[0] for t in (self.sequence_id, self.key_valid) if t is not None) if varies else 1
+        return batch, 1 if self.slopes is None else len(self.slopes)
+
+    def row_chunks(self, dtype_bytes: int = 4) -> list[tuple[int, int]]:
+        """Query-row ranges whose bias fits in ATTN_CHUNK_BYTES (sized by the bias's real batch and heads)."""
+        batch, heads = self.bias_shape()
+        rows = max(1, ATTN_CHUNK_BYTES // (dtype_bytes * batch * heads * self.k_len))
         return [(s, min(s + rows, self.q_len)) for s in range(0, self.q_len, rows)]
+
+    def bias_chunks(self, dtype: torch.dtype):
+        """Yield (start, end, bias in `dtype`) over all query rows. Built once per forward and reused by
+        every layer while the whole bias fits in BIAS_CACHE_BYTES; otherwise rebuilt chunk by chunk."""
+        if dtype in self._chunks:
+            yield from self._chunks[dtype]
+            return
+        batch, heads = self.bias_shape()
+        size = torch.finfo(dtype).bits // 8
+        keep = batch * heads * self.q_len * self.k_len * size <= BIAS_CACHE_BYTES
+        built = []
+        for start, end in self.row_chunks(size):
+            chunk = (start, end, self.bias(start, end).to(dtype))
+            if keep:
+                built.append(chunk)
+            yield chunk
+        if keep:
+            self._chunks[dtype] = built
 
 
 def sdpa_attention(
@@ -172,16 +202,15 @@ def sdpa_attention(
         )
     if mask.simple and mask.q_len == 1 and dropout_p == 0:  # decoding one token: it sees every cached key
         return decode_attention(q, k, v, mask.key_bias, scale)
-    out = []
-    for start, end in mask.row_chunks(q.shape[0], q.shape[1]):
-        bias = mask.bias(start, end)
-        bias = bias if q.device.type == "cpu" else bias.to(q.dtype)
-        out.append(
-            F.scaled_dot_product_attention(
-                q[:, :, start:end], k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-            )
+    # Everything else: an explicit bias, in query-row chunks. The CPU kernels take an fp32 bias with
+    # bf16 inputs; the CUDA ones want the inputs' dtype (which also halves the bias).
+    out = [
+        F.scaled_dot_product_attention(
+            q[:, :, start:end], k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
         )
-    return torch.cat(out, dim=2)
+        for start, end, bias in mask.bias_chunks(torch.float32 if q.device.type == "cpu" else q.dtype)
+    ]
+    return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 def decode_attention(
@@ -307,6 +336,17 @@ class MPTModel(nn.Module):
         self.emb_drop = nn.Dropout(cfg.emb_pdrop)
         self.blocks = nn.ModuleList(MPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = build_norm(cfg, cfg.d_model)
+        # ALiBi slopes per device, computed once. Not a registered buffer: `model.to(torch.bfloat16)`
+        # casts every float buffer, and 2^-0.5-style slopes (n_heads > 8) are not exact in bf16.
+        self._slopes: dict[torch.device, torch.Tensor] = {}
+
+    def alibi_slopes(self, device: torch.device) -> torch.Tensor | None:
+        """(H,) fp32 ALiBi slopes on `device`, or None without ALiBi."""
+        if not self.cfg.alibi:
+            return None
+        if device not in self._slopes:
+            self._slopes[device] = alibi_slopes(self.cfg.n_heads, self.cfg.alibi_bias_max).to(device)
+        return self._slopes[device]
 
     def forward(
         self,
@@ -335,8 +375,7 @@ class MPTModel(nn.Module):
             x = x * f + x.detach() * (1 - f)
         x = self.emb_drop(x)
         key_valid = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
-        slopes = alibi_slopes(self.cfg.n_heads, self.cfg.alibi_bias_max) if self.cfg.alibi else None  # (H,)
-        mask = AttentionMask(T, past + T, slopes, x.device, key_valid, sequence_id)
+        mask = AttentionMask(T, past + T, self.alibi_slopes(x.device), x.device, key_valid, sequence_id)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
         if cache is not None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from longboi.config import ModelConfig
+from longboi.data.prepare import prepare
 from longboi.model import MPTForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,6 +30,20 @@ def tokenizer_path() -> Path:
     if not TOKENIZER.is_file():
         pytest.fail(f"shared data missing: {TOKENIZER} (the repo expects ../shared/data beside it)")
     return TOKENIZER
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-data") / "shakespeare"
+    prepare(
+        [str(SHARED / "text" / "tinyshakespeare.txt")],
+        str(out),
+        str(TOKENIZER),
+        seq_len=33,
+        val_fraction=0.05,
+        shard_mb=0.1,
+    )
+    return out
 
 
 def finetune_run(base: Path, **changes) -> dict:

@@ -72,7 +72,7 @@ def test_chunked_attention_equals_unchunked(monkeypatch):
     with torch.no_grad():
         whole = model(ids, attention_mask=mask)
         monkeypatch.setattr(model_mod, "ATTN_CHUNK_BYTES", 4 * 2 * 4 * 40 * 3)  # 3 query rows per chunk
-        chunks = model_mod.AttentionMask(40, 40, alibi_slopes(4), torch.device("cpu"), mask.bool()).row_chunks(2, 4)
+        chunks = model_mod.AttentionMask(40, 40, alibi_slopes(4), torch.device("cpu"), mask.bool()).row_chunks()
         assert len(chunks) == 14
         chunked = model(ids, attention_mask=mask)
     assert (whole - chunked).abs().max() < 1e-5  # fp32 kernel blocking differs by chunk size

@@ -15,27 +15,12 @@ from safetensors.torch import load_file
 
 import longboi.train.loop as loop
 from longboi.cli import main
-from longboi.data.prepare import prepare
 from longboi.errors import UserError
 from longboi.train.config import ScheduleConfig, config_from_dict, load_train_config, parse_duration
 from longboi.train.loop import TrainingStopped, train
 from longboi.train.optim import Lion, lr_multiplier, param_groups
 
 SMALL_MODEL = {"preset": "tiny", "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 32}
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train-data") / "shakespeare"
-    prepare(
-        [str(SHARED / "text" / "tinyshakespeare.txt")],
-        str(out),
-        str(TOKENIZER),
-        seq_len=33,
-        val_fraction=0.05,
-        shard_mb=0.1,
-    )
-    return out
 
 
 def run_config(data: Path, run_dir: Path, **changes) -> dict:
@@ -119,6 +104,34 @@ def test_durations():
     assert parse_duration("2e9tok").steps(4096 * 256, 10) == math.ceil(2e9 / (4096 * 256))
     assert parse_duration("1.5ep").steps(100, 10) == 15
     assert parse_duration("0.1dur").steps(100, 10, total_steps=500) == 50
+    assert [parse_duration(t).seconds for t in ("90s", "6min", "1h", "0.5h")] == [90, 360, 3600, 1800]
+    assert parse_duration("6min").is_time and not parse_duration("6ba").is_time
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("max_duration", "abc", "max_duration: 'abc' is not a duration; use e.g. 1000ba"),
+        ("max_duration", "-1ba", "max_duration: '-1ba' must not be negative"),
+        ("max_duration", "0s", "max_duration: '0s' must be more than zero"),
+        ("max_duration", "2fortnights", "is not a duration"),
+        ("max_duration", "0.5dur", "a fraction of the run needs a run length"),
+        ("schedule.warmup", "2min", "schedule.warmup '2min' is a time, but max_duration '8ba' is not"),
+        ("eval.every", "soon", "eval.every: 'soon' is not a duration"),
+        ("checkpoint.every", "-5min", "checkpoint.every: '-5min' must not be negative"),
+    ],
+)
+def test_bad_durations_are_one_line_errors_from_the_cli(tmp_path, data, capsys, key, value, message):
+    path = write_config(tmp_path, run_config(data, tmp_path / "r"))
+    assert main(["train", str(path), f"--{key}", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err and "Traceback" not in err
+
+
+def test_a_wall_clock_run_refuses_a_step_count_warmup(tmp_path, data):
+    cfg = run_config(data, tmp_path / "r", max_duration="2min")  # run_config warms up over 2ba
+    with pytest.raises(UserError, match=r"give the warmup as a time \(20s\) or a fraction of the run"):
+        config_from_dict(cfg, "x")
 
 
 # -- optimizer and schedule ----------------------------------------------------------------------
@@ -194,6 +207,45 @@ def test_training_learns_logs_evaluates_and_exports(tmp_path, data):
     exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
     assert all(torch.equal(exported[k], v) for k, v in final.state_dict().items() if k in exported)
     assert main(["plot", str(tmp_path / "run")]) == 0 and (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+
+
+def test_wall_clock_budget_schedules_by_time_and_ends_inside_the_budget(tmp_path, data):
+    budget = 20.0
+    cfg = run_config(
+        data,
+        tmp_path / "run",
+        max_duration=f"{budget:g}s",
+        precision="auto",
+        **{"schedule.warmup": "0.1dur", "eval.every": "8s", "checkpoint.every": "7s", "log.every": 5},
+    )
+    result = train(config_from_dict(cfg, "x"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if r["kind"] == "train"]
+    step_s = max(4 * 33 / r["tokens_per_s"] for r in steps)  # the slowest step seen (4 x 33-token batches)
+    assert steps[-1]["step"] == result.steps > 50  # the last step is always logged
+    assert steps[-1]["elapsed_s"] <= budget  # training stopped in time for the final eval and checkpoint
+    assert result.elapsed_s <= budget + step_s + 1.0  # ... which fit too (within a step and a save)
+    peak, lrs = 3e-3, [r["lr"] for r in steps]
+    assert lrs[0] < 0.5 * peak and max(lrs) > 0.9 * peak  # warmed up over the first 10% of the time
+    assert lrs[-1] <= 0.1 * peak * 1.1  # cosine ends at the floor (min_lr_ratio 0.1) as time runs out
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    assert [r["step"] for r in rows if r["kind"] == "eval"][-1] == result.steps  # final eval inside the budget
+    assert (tmp_path / "run" / "checkpoints" / f"step-{result.steps:08d}").is_dir()
+
+
+def test_explicit_bf16_runs_on_any_cpu_and_auto_takes_the_native_choice(tmp_path, data, capsys):
+    """Both branches for real on this machine: `bf16` as asked (slowly, with a warning, where the CPU
+    emulates it), and `auto` resolved to what this CPU computes natively, recorded in the run config."""
+    from longboi.hardware import native_bf16
+
+    for precision in ("bf16", "auto"):
+        cfg = run_config(data, tmp_path / precision, precision=precision, max_duration="2ba", **{"eval.every": "0ba"})
+        assert train(config_from_dict(cfg, "x")).steps == 2
+        resolved = yaml.safe_load((tmp_path / precision / "config.yaml").read_text())["precision"]
+        native = native_bf16(torch.device("cpu"))[0]
+        assert resolved == ("bf16" if precision == "bf16" or native else "fp32")
+    err = capsys.readouterr().err
+    assert ("slower than fp32 (measured)" in err) == (not native_bf16(torch.device("cpu"))[0])
 
 
 def test_kill_9_and_autoresume_is_bit_identical(tmp_path, data):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from longboi.config import ModelConfig, from_dict, preset
+from longboi.config import ModelConfig, Precision, from_dict, preset
 from longboi.data.stream import CacheConfig, Source
 from longboi.errors import UserError
 from longboi.lora import LoraSettings
@@ -60,7 +60,7 @@ class OptimizerConfig:
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: Literal["cosine", "linear", "constant", "inverse_sqrt"] = "cosine"
-    warmup: str = "0ba"  # a duration: 100ba, 1e6tok, 0.01dur (fraction of the run)
+    warmup: str = "0ba"  # a duration: 100ba, 1e6tok, 0.01dur (fraction of the run); 20s in wall-clock runs
     min_lr_ratio: float = 0.1  # cosine/linear end at lr * min_lr_ratio
 
 
@@ -94,7 +94,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: str = "500ba"
+    every: str = "500ba"  # a duration: steps, a fraction of the run, or a time (10min)
     val_batches: int = 20
     prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
@@ -111,13 +111,13 @@ class TrainConfig:
     run_dir: str
     model: ModelConfig
     tokenizer: str
-    max_duration: str  # 1000ba (optimizer steps), 2e9tok (tokens), 1ep (epochs)
+    max_duration: str  # 1000ba (optimizer steps), 2e9tok (tokens), 1ep (epochs), or wall clock: 90s, 6min, 1h
     global_batch_size: int
     data: DataConfig | None = None  # pretraining data (prepared shards)
     finetune: FinetuneConfig | None = None  # or finetuning data (jsonl), with init_from a checkpoint
     lora: LoraSettings | None = None  # train LoRA adapters only (on init_from's weights)
     micro_batch_size: int | None = None  # None: the largest that fits, found by trying
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Precision = "auto"  # auto: bf16 where the device computes it natively, else fp32
     grad_clip: float | None = 1.0
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -165,10 +165,31 @@ def config_from_dict(data: dict[str, Any], where: str) -> TrainConfig:
         raise UserError(f"{where}: lora trains adapters on a base model: set init_from to its checkpoint")
     if (cfg.data is None) == (cfg.finetune is None):
         raise UserError(f"{where}: give exactly one of `data` (pretraining shards) or `finetune` (jsonl)")
-    parse_duration(cfg.max_duration, where=f"{where}: max_duration")
+    _check_durations(cfg, where)
     if cfg.global_batch_size <= 0 or (cfg.micro_batch_size is not None and cfg.micro_batch_size <= 0):
         raise UserError(f"{where}: global_batch_size and micro_batch_size must be positive")
     return cfg
+
+
+def _check_durations(cfg: TrainConfig, where: str) -> None:
+    """Every duration parses, and the schedule's units fit the run's: a wall-clock run warms up over
+    a time or a fraction of it; a step-based run never depends on the clock (it stays bit-exact)."""
+    total = parse_duration(cfg.max_duration, f"{where}: max_duration", positive=True)
+    warmup = parse_duration(cfg.schedule.warmup, f"{where}: schedule.warmup")
+    parse_duration(cfg.eval.every, f"{where}: eval.every")
+    parse_duration(cfg.checkpoint.every, f"{where}: checkpoint.every")
+    if total.unit == "dur":
+        raise UserError(f"{where}: max_duration {cfg.max_duration!r}: a fraction of the run needs a run length")
+    if total.is_time and warmup.value > 0 and warmup.unit not in ("dur", "s", "min", "h"):
+        raise UserError(
+            f"{where}: schedule.warmup {cfg.schedule.warmup!r}: with a wall-clock max_duration "
+            f"({cfg.max_duration}), give the warmup as a time (20s) or a fraction of the run (0.05dur)"
+        )
+    if not total.is_time and warmup.is_time:
+        raise UserError(
+            f"{where}: schedule.warmup {cfg.schedule.warmup!r} is a time, but max_duration "
+            f"{cfg.max_duration!r} is not: use steps (100ba) or a fraction (0.05dur)"
+        )
 
 
 def _model_config(value: Any, where: str) -> ModelConfig:
@@ -210,33 +231,51 @@ def _set_dotted(data: dict, key: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
+TIME_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0}
+
+
 @dataclass(frozen=True)
 class Duration:
+    """A length of training: optimizer steps (ba), tokens (tok), epochs (ep), a fraction of the run
+    (dur), or wall-clock time (s, min, h)."""
+
     value: float
-    unit: Literal["ba", "tok", "ep", "dur", "min"]
+    unit: Literal["ba", "tok", "ep", "dur", "s", "min", "h"]
+
+    @property
+    def is_time(self) -> bool:
+        return self.unit in TIME_UNITS
+
+    @property
+    def seconds(self) -> float:
+        return self.value * TIME_UNITS[self.unit]
 
     def steps(self, tokens_per_step: int, steps_per_epoch: float, total_steps: int | None = None) -> int:
-        """This duration in optimizer steps."""
+        """This duration in optimizer steps (not defined for wall-clock durations)."""
         if self.unit == "ba":
             return int(self.value)
         if self.unit == "tok":
             return math.ceil(self.value / tokens_per_step)
         if self.unit == "ep":
             return math.ceil(self.value * steps_per_epoch)
-        if self.unit == "dur":
-            assert total_steps is not None, "a fraction of the run needs the run length"
+        if self.unit == "dur" and total_steps is not None:
             return int(self.value * total_steps)
-        raise ValueError(f"{self.unit} is a wall-clock duration, not a step count")
+        raise UserError(f"{self.value:g}{self.unit} cannot be counted in steps here")
 
 
-def parse_duration(text: str, where: str = "duration") -> Duration:
-    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(ba|tok|ep|dur|min)\s*", str(text))
+def parse_duration(text: str, where: str = "duration", positive: bool = False) -> Duration:
+    """`1000ba`, `2e9tok`, `1ep`, `0.1dur`, `90s`, `6min`, `1h` -> Duration; anything else is a one-line error."""
+    m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(ba|tok|ep|dur|s|min|h)\s*", str(text))
     if not m:
-        raise UserError(f"{where}: {text!r} is not a duration; use e.g. 1000ba, 2e9tok, 1ep, 0.1dur or 30min")
+        raise UserError(
+            f"{where}: {text!r} is not a duration; use e.g. 1000ba, 2e9tok, 1ep, 0.1dur, or a time: 90s, 6min, 1h"
+        )
     try:
         value = float(m.group(1))
     except ValueError as e:
         raise UserError(f"{where}: {text!r} has no valid number") from e
-    if value < 0:
+    if value < 0 or not math.isfinite(value):
         raise UserError(f"{where}: {text!r} must not be negative")
+    if positive and value == 0:
+        raise UserError(f"{where}: {text!r} must be more than zero")
     return Duration(value, m.group(2))  # type: ignore[arg-type]

@@ -29,13 +29,14 @@ from longboi.config import to_mpt_dict
 from longboi.data.stream import StreamingDataset, StreamLoader
 from longboi.errors import UserError
 from longboi.generate import SamplingParams, generate
+from longboi.hardware import MFU, resolve_precision
 from longboi.lora import add_lora, is_lora, load_adapter, merge, save_adapter
 from longboi.model import MPTForCausalLM
 from longboi.plan import model_stats
 from longboi.tokenizer import Tokenizer
 from longboi.train import state as ckpt
 from longboi.train.config import Duration, TrainConfig, parse_duration
-from longboi.train.monitor import Metrics, peak_flops
+from longboi.train.monitor import Metrics
 from longboi.train.optim import build_optimizer, lr_multiplier, set_lr
 from longboi.train.parallelize import Dist, all_reduce_mean, barrier, init_distributed, parallelize
 
@@ -53,6 +54,7 @@ class Progress:
     consumed: int = 0  # global samples handed out (the data position)
     losses: list[float] = field(default_factory=list)  # the spike detector's window
     events: int = 0
+    elapsed: float = 0.0  # seconds spent in the loop (a wall-clock budget continues from here on resume)
 
 
 @dataclass(frozen=True)
@@ -63,13 +65,100 @@ class TrainResult:
     val_loss: float | None
     train_loss: float | None
     eval: dict = field(default_factory=dict)  # the last evaluation's metrics
+    elapsed_s: float = 0.0  # wall clock of the loop, final evaluation and checkpoint included
+
+
+class RunClock:
+    """How far the run is, by optimizer steps or by wall-clock time against a budget.
+
+    A step-based run's schedule depends only on the step (bit-exact on resume). A wall-clock run
+    (max_duration 6min) trains until the time left would not fit one more step plus `reserve_s`,
+    the measured (or, before measuring, estimated) cost of the final evaluation and checkpoint; its
+    warmup and decay follow elapsed time over the training window, so the lr reaches its floor as
+    the time runs out.
+    """
+
+    RESOLUTION = 10_000  # a wall-clock run's schedule is the step schedule over this many virtual steps
+
+    def __init__(self, cfg: TrainConfig, tokens_per_step: int, steps_per_epoch: float, elapsed: float = 0.0):
+        length = parse_duration(cfg.max_duration)
+        self.budget_s = length.seconds if length.is_time else None
+        self.total = None if length.is_time else length.steps(tokens_per_step, steps_per_epoch)
+        warmup = parse_duration(cfg.schedule.warmup)
+        if self.budget_s is None:
+            self.warmup: float = warmup.steps(tokens_per_step, steps_per_epoch, self.total)
+        else:  # seconds
+            self.warmup = warmup.value * self.budget_s if warmup.unit == "dur" else warmup.seconds
+        self.tokens_per_step, self.steps_per_epoch = tokens_per_step, steps_per_epoch
+        self.start, self.reserve_s = time.monotonic() - elapsed, 0.0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def lr_multiplier(self, step: int, schedule) -> float:
+        if self.budget_s is None:
+            assert self.total is not None
+            return lr_multiplier(step, self.total, int(self.warmup), schedule)
+        window = max(self.budget_s - self.reserve_s, 1e-9)
+        n = self.RESOLUTION
+        done = min(n, int(n * self.elapsed() / window))
+        return lr_multiplier(done, n, round(n * min(self.warmup / window, 1.0)), schedule)
+
+    def finished(self, step: int, step_s: float) -> bool:
+        """True after the run's last step: step count reached, or no time left for another step."""
+        if self.budget_s is None:
+            return step >= (self.total or 0)
+        return self.elapsed() + step_s + self.reserve_s >= self.budget_s
+
+    def due(self, every: Duration, step: int, since: float, d: Dist) -> bool:
+        """Is a periodic action (eval, checkpoint) due at this step? `since`: when it last ran."""
+        if every.is_time or (every.unit == "dur" and self.budget_s is not None):
+            seconds = every.seconds if every.is_time else every.value * (self.budget_s or 0)
+            flag = torch.tensor(float(seconds > 0 and time.monotonic() - since >= seconds), device=d.device)
+            return bool(all_reduce_mean(flag, d) > 0)  # clocks differ per rank: all act when any is due
+        n = every.steps(self.tokens_per_step, self.steps_per_epoch, self.total)
+        return n > 0 and step % n == 0
+
+    def describe(self) -> str:
+        return f"{self.budget_s:g} s of wall clock" if self.budget_s is not None else f"{self.total} steps"
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built once by `setup`."""
+
+    cfg: TrainConfig
+    d: Dist
+    dir: Path
+    tok: Tokenizer
+    model: MPTForCausalLM  # the bare model (generation during eval, LoRA export)
+    wrapped: torch.nn.Module  # after parallelize: what trains
+    optimizer: torch.optim.Optimizer
+    loader: StreamLoader
+    clock: RunClock
+    progress: Progress
+    metrics: Metrics
+    mfu: MFU
+    autocast: contextlib.AbstractContextManager
+    flops_per_token: int
+    save_s: float | None = None  # how long the last checkpoint took
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training described by `cfg`."""
+    r = setup(cfg)
+    loss, last_eval = run_loop(r)
+    return finish(r, loss, last_eval)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Model, data, optimizer and wrappers; then the newest checkpoint, if any, restored."""
     d = init_distributed(cfg.device)
-    run = Path(cfg.run_dir)
-    tok = Tokenizer(cfg.tokenizer)
+    choice = resolve_precision(cfg.precision, d.device, quiet=not d.is_main)
+    if d.device.type == "cuda":  # fp32 matmuls on tensor cores (TF32), as the fp32 peak in MFU assumes
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    cfg = dataclasses.replace(cfg, precision=choice.precision)
+    run, tok = Path(cfg.run_dir), Tokenizer(cfg.tokenizer)
     model = _build_model(cfg, tok, d)
     if cfg.lora is not None:
         if d.enabled and cfg.parallel == "fsdp":
@@ -80,68 +169,77 @@ def train(cfg: TrainConfig) -> TrainResult:
     micro = cfg.micro_batch_size or find_micro_batch(model, data.seq_len, per_rank, cfg.precision, d)
     workers = cfg.data.num_workers if cfg.data else 0
     loader = StreamLoader(data, cfg.global_batch_size, micro, d.rank, d.world_size, workers)
-    wrapped = parallelize(model, d, cfg.parallel, cfg.precision == "bf16", cfg.activation_checkpointing, cfg.compile)
+    wrapped = parallelize(model, d, cfg.parallel, choice.bf16, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(wrapped, cfg.optimizer)
+    progress = _resume(cfg, run, wrapped, optimizer, loader, data, d)
     tokens_per_step = cfg.global_batch_size * data.seq_len
-    total = parse_duration(cfg.max_duration).steps(tokens_per_step, len(data) / cfg.global_batch_size)
-    warmup = parse_duration(cfg.schedule.warmup).steps(tokens_per_step, len(data) / cfg.global_batch_size, total)
-    save_every = parse_duration(cfg.checkpoint.every, "checkpoint.every")
-    eval_every = parse_duration(cfg.eval.every, "eval.every").steps(
-        tokens_per_step, len(data) / cfg.global_batch_size, total
+    clock = RunClock(cfg, tokens_per_step, len(data) / cfg.global_batch_size, progress.elapsed)
+    if d.is_main:
+        _write_run_config(run, cfg, micro, clock)
+    return Run(
+        cfg=cfg,
+        d=d,
+        dir=run,
+        tok=tok,
+        model=model,
+        wrapped=wrapped,
+        optimizer=optimizer,
+        loader=loader,
+        clock=clock,
+        progress=progress,
+        metrics=Metrics(run, d.is_main, cfg.log.tensorboard, cfg.log.wandb, dataclasses.asdict(cfg)),
+        mfu=MFU(d.device, choice.bf16, cfg.log.peak_flops, d.world_size),
+        autocast=torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=choice.bf16),
+        flops_per_token=model_stats(cfg.model, data.seq_len).train_flops_per_token,
     )
-    progress = Progress()
-    latest = ckpt.checkpoints(run)[-1:] if cfg.checkpoint.autoresume else []
+
+
+def _resume(cfg: TrainConfig, run: Path, wrapped, optimizer, loader: StreamLoader, data, d: Dist) -> Progress:
     torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ per rank; a resume restores the saved RNG
+    latest = ckpt.checkpoints(run)[-1:] if cfg.checkpoint.autoresume else []
     if latest:
         progress = Progress(**ckpt.load(latest[0], wrapped, optimizer, d)["progress"])
         loader.load_state_dict({"consumed": progress.consumed, "seed": data.seed, "epoch_samples": len(data)})
-    elif run.joinpath("checkpoints").is_dir() and ckpt.checkpoints(run) and d.is_main:
+        return progress
+    if ckpt.checkpoints(run) and d.is_main:
         print(f"note: autoresume is off; {run} has checkpoints, starting from step 0 anyway", file=sys.stderr)
-    metrics = Metrics(run, d.is_main, cfg.log.tensorboard, cfg.log.wandb, dataclasses.asdict(cfg))
-    if d.is_main:
-        _write_run_config(run, cfg, micro, total)
-    flops_per_token = model_stats(cfg.model, data.seq_len).train_flops_per_token
-    peak = peak_flops(d.device, cfg.precision == "bf16", cfg.log.peak_flops) * d.world_size
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    bar = tqdm(
-        total=total,
-        initial=progress.step,
-        desc="train",
-        disable=not (d.is_main and cfg.log.progress),
-        dynamic_ncols=True,
-    )
-    batches, last_save, last_eval, loss = iter(loader), time.monotonic(), {}, None
+    return Progress()
 
-    while progress.step < total:
-        lr = set_lr(optimizer, cfg.optimizer.lr, lr_multiplier(progress.step, total, warmup, cfg.schedule))
+
+def run_loop(r: Run) -> tuple[float | None, dict]:
+    """The training loop, top to bottom. Returns the last loss and the last evaluation's metrics."""
+    cfg, d, progress, clock = r.cfg, r.d, r.progress, r.clock
+    bar = _progress_bar(r)
+    batches, last_save, last_eval_at, last_eval, loss = iter(r.loader), time.monotonic(), time.monotonic(), {}, None
+    eval_every = parse_duration(cfg.eval.every)
+    save_every = parse_duration(cfg.checkpoint.every)
+    finished = clock.finished(progress.step, 0.0)
+    while not finished:
+        lr = set_lr(r.optimizer, cfg.optimizer.lr, clock.lr_multiplier(progress.step, cfg.schedule))
         start = time.perf_counter()
-        loss, grad_norm = train_step(wrapped, optimizer, batches, loader.accum_steps, autocast, cfg.grad_clip, d)
+        loss, grad_norm = train_step(
+            r.wrapped, r.optimizer, batches, r.loader.accum_steps, r.autocast, cfg.grad_clip, d
+        )
         event = spike_event(loss, grad_norm, progress.losses, cfg)
         if event is not None:
-            progress.events += 1
-            metrics.log("event", progress.step, what=event, action=cfg.spike.action, loss=loss, grad_norm=grad_norm)
-            if d.is_main:
-                tqdm.write(f"step {progress.step}: {event} -> {cfg.spike.action}", file=sys.stderr)
-            if cfg.spike.action == "stop" or progress.events > cfg.spike.max_events:
-                raise TrainingStopped(
-                    f"training stopped at step {progress.step}: {event} (event "
-                    f"{progress.events}; see {run / 'metrics.jsonl'})"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            progress.consumed = loader.consumed  # the offending batch is skipped either way
-            if cfg.spike.action == "rollback" and ckpt.checkpoints(run):
-                batches = _rollback(run, wrapped, optimizer, loader, progress, d, metrics)
+            batches = _defend(r, event, loss, grad_norm, batches)
+            finished = clock.finished(progress.step, time.perf_counter() - start)
             continue
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        r.optimizer.step()
+        r.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - start
         progress.step += 1
-        progress.tokens += tokens_per_step
-        progress.consumed = loader.consumed
+        progress.tokens += clock.tokens_per_step
+        progress.consumed = r.loader.consumed
         progress.losses = (progress.losses + [loss])[-cfg.spike.window :]
-        tok_s = tokens_per_step / seconds
-        if progress.step % cfg.log.every == 0 or progress.step == total:
-            metrics.log(
+        progress.elapsed = clock.elapsed()
+        tok_s = clock.tokens_per_step / seconds
+        if not clock.reserve_s and _has_eval(cfg):  # until an evaluation has been timed
+            clock.reserve_s = _eval_estimate(r, tok_s) + _save_estimate(r)
+        finished = clock.finished(progress.step, seconds)
+        mfu = r.mfu(r.flops_per_token * tok_s)
+        if progress.step % cfg.log.every == 0 or finished:
+            r.metrics.log(
                 "train",
                 progress.step,
                 loss=loss,
@@ -149,24 +247,112 @@ def train(cfg: TrainConfig) -> TrainResult:
                 grad_norm=grad_norm,
                 tokens=progress.tokens,
                 tokens_per_s=tok_s,
-                mfu=flops_per_token * tok_s / peak,
+                mfu=mfu,
+                elapsed_s=progress.elapsed,
             )
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * flops_per_token * tok_s / peak:.1f}%")
-        bar.update(1)
-        if eval_every and (progress.step % eval_every == 0 or progress.step == total):
-            last_eval = evaluate(wrapped, model, tok, cfg, d, metrics, progress.step, autocast)
-        if _due(save_every, progress.step, last_save, tokens_per_step, len(data) / cfg.global_batch_size, total, d):
-            ckpt.save(run, progress.step, wrapped, optimizer, _train_state(progress, cfg), d, cfg.checkpoint.keep)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
+        bar.update(1 if clock.budget_s is None else round(progress.elapsed) - bar.n)
+        if _has_eval(cfg) and (finished or clock.due(eval_every, progress.step, last_eval_at, d)):
+            last_eval, last_eval_at = _timed_eval(r), time.monotonic()
+        if not finished and clock.due(save_every, progress.step, last_save, d):
+            _save(r)
             last_save = time.monotonic()
     bar.close()
+    return loss, last_eval
+
+
+def _defend(r: Run, event: str, loss: float, grad_norm: float, batches):
+    """A NaN or a spike: log it, then stop, or skip the batch (and roll back when so configured)."""
+    cfg, progress = r.cfg, r.progress
+    progress.events += 1
+    r.metrics.log("event", progress.step, what=event, action=cfg.spike.action, loss=loss, grad_norm=grad_norm)
+    if r.d.is_main:
+        tqdm.write(f"step {progress.step}: {event} -> {cfg.spike.action}", file=sys.stderr)
+    if cfg.spike.action == "stop" or progress.events > cfg.spike.max_events:
+        raise TrainingStopped(
+            f"training stopped at step {progress.step}: {event} (event "
+            f"{progress.events}; see {r.dir / 'metrics.jsonl'})"
+        )
+    r.optimizer.zero_grad(set_to_none=True)
+    progress.consumed = r.loader.consumed  # the offending batch is skipped either way
+    if cfg.spike.action == "rollback" and ckpt.checkpoints(r.dir):
+        return _rollback(r.dir, r.wrapped, r.optimizer, r.loader, progress, r.d, r.metrics)
+    return batches
+
+
+def _progress_bar(r: Run) -> tqdm:
+    """Steps for a step-based run; seconds for a wall-clock run (so the ETA is the budget's)."""
+    timed = r.clock.budget_s is not None
+    return tqdm(
+        total=round(r.clock.budget_s) if timed else r.clock.total,
+        initial=round(r.progress.elapsed) if timed else r.progress.step,
+        unit="s" if timed else "it",
+        desc="train",
+        disable=not (r.d.is_main and r.cfg.log.progress),
+        dynamic_ncols=True,
+    )
+
+
+def _has_eval(cfg: TrainConfig) -> bool:
+    """Anything to evaluate, and evaluation not switched off (eval.every 0ba)?"""
+    work = (cfg.data is not None and cfg.data.val) or cfg.eval.icl_tasks or cfg.eval.prompts
+    return bool(work) and parse_duration(cfg.eval.every).value > 0
+
+
+def _timed_eval(r: Run) -> dict:
+    """Evaluate, and reserve what it took (plus a checkpoint) at the end of a wall-clock budget."""
+    start = time.monotonic()
+    results = evaluate(r.wrapped, r.model, r.tok, r.cfg, r.d, r.metrics, r.progress.step, r.autocast)
+    r.clock.reserve_s = max(r.clock.reserve_s, 1.2 * (time.monotonic() - start) + _save_estimate(r))
+    return results
+
+
+def _eval_estimate(r: Run, train_tok_s: float) -> float:
+    """Seconds an evaluation should take, before one was timed: validation forwards at three times the
+    training rate (no backward), one-token decode steps at a thirtieth of it, and the ICL budget."""
+    cfg = r.cfg.eval
+    val_tokens = 0
+    if r.cfg.data is not None and r.cfg.data.val:
+        val, batch, n = _validation_set(r.cfg, r.d)
+        val_tokens = n * batch * val.seq_len
+    generated = len(cfg.prompts) * cfg.max_new_tokens
+    icl = cfg.icl_time_budget_s if cfg.icl_tasks else 0.0
+    return val_tokens / (3 * train_tok_s) + 30 * generated / train_tok_s + icl
+
+
+def _save(r: Run) -> None:
+    start = time.monotonic()
+    ckpt.save(
+        r.dir, r.progress.step, r.wrapped, r.optimizer, _train_state(r.progress, r.cfg), r.d, r.cfg.checkpoint.keep
+    )
+    r.save_s = time.monotonic() - start
+
+
+def _save_estimate(r: Run) -> float:
+    """The last checkpoint's time, or a guess from the state size (weights + two Adam moments)."""
+    return r.save_s or 1.0 + 12 * sum(p.numel() for p in r.model.parameters()) / 200e6
+
+
+def finish(r: Run, loss: float | None, last_eval: dict) -> TrainResult:
+    """The final checkpoint and weights export; close the metrics."""
     final = None
-    if cfg.checkpoint.save_final and progress.step > 0:
-        if not ckpt.checkpoints(run) or ckpt.checkpoints(run)[-1].name != f"step-{progress.step:08d}":
-            ckpt.save(run, progress.step, wrapped, optimizer, _train_state(progress, cfg), d, cfg.checkpoint.keep)
-        final = export_lora(model, cfg, run, tok, d) if is_lora(model) else export_final(wrapped, run / "final", tok, d)
-    metrics.close()
-    barrier(d)
-    return TrainResult(run, final, progress.step, last_eval.get("val_loss"), loss, last_eval)
+    if r.cfg.checkpoint.save_final and r.progress.step > 0:
+        newest = ckpt.checkpoints(r.dir)[-1:]
+        if not newest or newest[0].name != f"step-{r.progress.step:08d}":
+            _save(r)
+        if is_lora(r.model):
+            final = export_lora(r.model, r.cfg, r.dir, r.tok, r.d)
+        else:
+            final = export_final(r.wrapped, r.dir / "final", r.tok, r.d)
+    r.metrics.close()
+    barrier(r.d)
+    if r.clock.budget_s is not None and r.d.is_main:
+        print(
+            f"wall-clock budget {r.clock.budget_s:g} s: trained {r.progress.step} steps in "
+            f"{r.progress.elapsed:.1f} s, finished at {r.clock.elapsed():.1f} s",
+            file=sys.stderr,
+        )
+    return TrainResult(r.dir, final, r.progress.step, last_eval.get("val_loss"), loss, last_eval, r.clock.elapsed())
 
 
 def train_step(
@@ -241,16 +427,6 @@ def _rollback(run: Path, model, optimizer, loader: StreamLoader, progress: Progr
     return iter(loader)
 
 
-def _due(
-    every: Duration, step: int, last_save: float, tokens_per_step: int, steps_per_epoch: float, total: int, d: Dist
-) -> bool:
-    if every.unit == "min":  # wall clock: rank 0 decides for everyone
-        flag = torch.tensor(float(time.monotonic() - last_save >= every.value * 60))
-        return bool(all_reduce_mean(flag, d) > 0) if d.enabled else bool(flag)
-    n = every.steps(tokens_per_step, steps_per_epoch, total)
-    return n > 0 and step % n == 0
-
-
 @torch.no_grad()
 def evaluate(
     wrapped, model: MPTForCausalLM, tok: Tokenizer, cfg: TrainConfig, d: Dist, metrics: Metrics, step: int, autocast
@@ -301,9 +477,7 @@ def evaluate(
 
 def validation_loss(wrapped, tok: Tokenizer, cfg: TrainConfig, d: Dist, autocast) -> tuple[float, float]:
     """Mean loss per token (nats) and bits per byte (comparable across tokenizers) on the held-out split."""
-    val = StreamingDataset(cfg.data.val, seed=0, shuffle=False, cache=cfg.data.cache)
-    batch = max(1, cfg.micro_batch_size or 8) * d.world_size
-    n = min(cfg.eval.val_batches, max(1, len(val) // batch))
+    val, batch, n = _validation_set(cfg, d)
     sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
     for b in StreamLoader(val, batch, batch // d.world_size, d.rank, d.world_size, stop=n * batch):
         targets = b[:, 1:]
@@ -314,6 +488,14 @@ def validation_loss(wrapped, tok: Tokenizer, cfg: TrainConfig, d: Dist, autocast
         sums += torch.tensor([float(nats), targets.numel(), text_bytes], dtype=torch.float64)
     sums = all_reduce_mean(sums, d)  # equal shares per rank: the mean of sums keeps the ratios
     return float(sums[0] / sums[1]), float(sums[0] / math.log(2) / sums[2])
+
+
+def _validation_set(cfg: TrainConfig, d: Dist) -> tuple[StreamingDataset, int, int]:
+    """The held-out split, the global batch it is read in, and how many batches are scored."""
+    assert cfg.data is not None and cfg.data.val
+    val = StreamingDataset(cfg.data.val, seed=0, shuffle=False, cache=cfg.data.cache)
+    batch = max(1, cfg.micro_batch_size or 8) * d.world_size
+    return val, batch, min(cfg.eval.val_batches, max(1, len(val) // batch))
 
 
 _UNIGRAM: dict[tuple, tuple[float, float]] = {}
@@ -437,9 +619,10 @@ def _train_state(progress: Progress, cfg: TrainConfig) -> dict:
     }
 
 
-def _write_run_config(run: Path, cfg: TrainConfig, micro: int, total: int) -> None:
+def _write_run_config(run: Path, cfg: TrainConfig, micro: int, clock: RunClock) -> None:
     run.mkdir(parents=True, exist_ok=True)
-    resolved = dataclasses.asdict(cfg) | {"resolved": {"micro_batch_size": micro, "total_steps": total}}
+    resolved = {"micro_batch_size": micro, "total_steps": clock.total, "budget_s": clock.budget_s}
+    resolved = dataclasses.asdict(cfg) | {"resolved": resolved}
     (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
@@ -461,6 +644,8 @@ def find_micro_batch(model: MPTForCausalLM, seq_len: int, per_rank: int, precisi
         finally:
             model.zero_grad(set_to_none=True)
             loss = None
+            if d.device.type == "cuda":
+                torch.cuda.empty_cache()  # give a failed size's blocks back before trying the next
         if float(all_reduce_mean(torch.tensor(ok), d)) == 1.0:  # every rank must fit
             if d.is_main:
                 print(f"micro_batch_size: {micro} (largest that fits)", file=sys.stderr)

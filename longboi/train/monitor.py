@@ -1,79 +1,16 @@
 """Watching a run: metrics.jsonl (always), TensorBoard / W&B (when enabled), MFU and `longboi plot`.
 
-MFU = achieved model FLOPs per second / peak FLOPs of the hardware. Peak comes from the config,
-a table of known GPUs, or on CPU a matmul measured once per machine and cached.
+MFU = achieved model FLOPs per second / peak FLOPs of the hardware (see longboi.hardware).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from longboi.errors import UserError
-
-# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets).
-GPU_PEAK_BF16 = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "A10": 125e12,
-    "L4": 121e12,
-    "L40": 181e12,
-    "V100": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "A6000": 155e12,
-}
-
-
-def peak_flops(device: torch.device, bf16: bool, override: float | None = None) -> float:
-    """Peak FLOP/s of one device in the training dtype."""
-    if override:
-        return override
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16.items():
-            if key in name:
-                return value if bf16 else value / 2  # tf32 is about half the bf16 rate
-        return 100e12
-    return _measured_cpu_peak(bf16)
-
-
-def _measured_cpu_peak(bf16: bool) -> float:
-    """Best of a few 2048^3 matmuls, cached per machine, thread count and dtype."""
-    precision = "bf16" if bf16 else "fp32"
-    key = f"{platform.machine()}-{_cpu_model()}-{torch.get_num_threads()}t-{precision}"
-    cache = Path(os.path.expanduser("~/.cache/longboi/peak_flops.json"))
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
-    if key not in known:
-        dtype = torch.bfloat16 if bf16 else torch.float32
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - start)
-        known[key] = 2 * 2048**3 / best
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known, indent=1))
-    return known[key]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip().replace(" ", "_")
-    except OSError:
-        pass
-    return "cpu"
 
 
 class Metrics:

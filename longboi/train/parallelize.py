@@ -51,10 +51,13 @@ def barrier(d: Dist) -> None:
 
 
 def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean over ranks, returned on `value`'s device. The collective runs on this rank's device: NCCL
+    reduces GPU tensors only, so a CPU tensor (a flag, a sum of floats) is moved there and back."""
     if d.enabled:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= d.world_size
+        out = value.to(d.device, copy=True)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= d.world_size
+        value = out.to(value.device)
     return value
 
 

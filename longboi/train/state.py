@@ -55,7 +55,7 @@ def save(
     barrier(d)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / f"rng-rank{d.rank}.pt")
+    torch.save(_rng_state(d), tmp / f"rng-rank{d.rank}.pt")
     barrier(d)
     if d.is_main:
         (tmp / "train_state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
@@ -79,7 +79,16 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d
         rng = torch.load(rng_file, weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_tuple(rng["python"]))
+        if "cuda" in rng and d.device.type == "cuda":  # dropout masks on the GPU come from its own generator
+            torch.cuda.set_rng_state(rng["cuda"], d.device)
     return json.loads((path / "train_state.json").read_text())
+
+
+def _rng_state(d: Dist) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if d.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(d.device)
+    return state
 
 
 def _as_tuple(x: Any) -> Any:
