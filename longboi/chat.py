@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from longboi.data.finetune import render_chat
 from longboi.generate import SamplingParams, stream
 from longboi.model import MPTForCausalLM
-from longboi.tokenizer import Tokenizer
+from longboi.tokenizer import Tokenizer, render_chat
 
 
 class ChatSession:

@@ -516,6 +516,16 @@ def _unwrap_optional(tp) -> type:
     return tp
 
 
+def _none_or(tp: type) -> Callable[[str], object]:
+    """An optional option's parser: `none` gives None (e.g. --top-k none), anything else the type."""
+
+    def parse(text: str) -> object:
+        return None if text.lower() == "none" else tp(text)
+
+    parse.__name__ = tp.__name__  # argparse names the type in its error messages
+    return parse
+
+
 def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
     summary, docs = _arg_docs(fn)
     name = fn.__name__.replace("_", "-")
@@ -535,7 +545,7 @@ def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
         elif tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = tp
+            kwargs["type"] = _none_or(tp) if tp is not hints[name] else tp
         flag = "--" + name.replace("_", "-")
         if param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is inspect.Parameter.empty:
             parser.add_argument(flag, dest=name, required=True, **kwargs)  # keyword-only: a required option

@@ -7,11 +7,13 @@ in Hugging Face's order: repetition penalty, temperature, top-k, top-p.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
+from longboi.errors import UserError
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import StreamDecoder, Tokenizer
 
@@ -20,7 +22,9 @@ PREFILL_CHUNK = 2048  # prompt tokens per forward when prompts are padded: bound
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; stop strings end a row's text (not included)."""
+    """How to pick tokens. temperature 0 is greedy; top_k None (or 0) and top_p None (or 1) do not
+    filter; stop strings end a row's text (not included). Checked on construction: a bad value is a
+    one-line UserError naming the field, wherever it came from (CLI, API, server request)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -29,6 +33,33 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self._check("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "an integer >= 0")
+        self._check("temperature", _is_real(self.temperature) and 0 <= self.temperature < math.inf, "a number >= 0")
+        self._check("top_k", self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0), "an integer >= 0 or none")
+        top_p_ok = self.top_p is None or (_is_real(self.top_p) and 0 < self.top_p <= 1)
+        self._check("top_p", top_p_ok, "a number in (0, 1] or none")
+        penalty_ok = _is_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf
+        self._check("repetition_penalty", penalty_ok, "a number > 0 (1 is off)")
+        stops_ok = isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop)
+        self._check("stop", stops_ok, "a list of non-empty strings")
+        self._check("seed", self.seed is None or _is_int(self.seed), "an integer or none")
+        if self.top_k == 0:  # 0 means no limit (as in transformers and llama.cpp)
+            object.__setattr__(self, "top_k", None)
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+    def _check(self, field: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise UserError(f"sampling parameter {field}: expected {expected}, got {getattr(self, field)!r}")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -137,13 +168,23 @@ class _RowText:
         self.text, self.printed, self.done = "", 0, False
 
     def push(self, token_id: int) -> None:
-        self.text += self.decoder.push(token_id)
+        self._add(self.decoder.push(token_id))
+
+    def finish(self) -> None:
+        """Add what the decoder held back (an incomplete character at the very end)."""
+        if not self.done:
+            self._add(self.decoder.flush())
+
+    def _add(self, piece: str) -> None:
+        self.text += piece
         for s in self.stop:
             at = self.text.find(s, max(0, self.printed - len(s)))
             if at >= 0:
                 self.text, self.done = self.text[:at], True
 
     def take_printable(self, final: bool) -> str:
+        if final:
+            self.finish()
         end = len(self.text) if (final or self.done) else max(self.printed, len(self.text) - self.holdback)
         piece, self.printed = self.text[self.printed : end], end
         return piece
@@ -188,4 +229,6 @@ def generate_from_ids(
             ended[i] = rows[i].done
         if all(ended):
             break
+    for row in rows:
+        row.finish()
     return [row.text for row in rows]

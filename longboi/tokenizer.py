@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from longboi.errors import UserError
 
+ROLES = ("system", "user", "assistant")
 # Names that mean "end of document" / "padding" across common tokenizers, in order of preference.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>")
@@ -110,6 +111,44 @@ class Tokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def chatml(role: str, content: str) -> str:
+    """One ChatML turn. At inference the prompt ends with chatml_open("assistant")."""
+    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
+
+
+def chatml_open(role: str) -> str:
+    return f"<|im_start|>{role}\n"
+
+
+def render_chat(messages: list[dict], template: str | None, add_generation_prompt: bool) -> str:
+    """The conversation as text: the tokenizer's Jinja chat template if it has one, else ChatML.
+
+    The same function renders at finetuning and in `longboi chat`, so a model sees its training
+    format. A template ships inside a checkpoint, which may come from anyone: it is rendered in
+    jinja2's immutable sandbox (as transformers does), where attribute tricks such as
+    `''.__class__.__mro__` or reaching for `os` raise instead of running.
+    """
+    if template is None:
+        text = "".join(chatml(m["role"], m["content"]) for m in messages)
+        return text + (chatml_open("assistant") if add_generation_prompt else "")
+    return _render_template(template, messages, add_generation_prompt)
+
+
+def _render_template(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    import jinja2  # declared in the core dependencies
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
+        )
+    except jinja2.exceptions.SecurityError as e:
+        raise UserError(f"the chat template tried an unsafe operation and was stopped: {e}") from e
+    except jinja2.exceptions.TemplateError as e:
+        raise UserError(f"the chat template failed to render: {e}") from e
+
+
 def train_bpe(files: list[str | Path], vocab_size: int, out: str | Path, holdout_fraction: float = 0.0) -> Tokenizer:
     """Train a byte-level BPE tokenizer (GPT-2 style, with <|endoftext|> and <|padding|>) on text files.
 
@@ -144,24 +183,33 @@ def train_bpe(files: list[str | Path], vocab_size: int, out: str | Path, holdout
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text pieces, never splitting a multi-byte character.
+    """Turns ids, pushed one at a time, into text pieces; never splits a multi-byte character.
 
-    BPE tokens can end mid-UTF-8 sequence; decoding each token alone would print replacement
-    characters, so we decode the tail since the last clean boundary and emit only what is final.
+    Incremental: each push decodes only a short window, the ids since the last emitted piece plus
+    the piece before it for context (a tokenizer's decoder may treat a window's first token
+    specially, e.g. SentencePiece's leading space), so a long reply costs O(length), not
+    O(length^2). BPE tokens can end mid-UTF-8 sequence (byte-level BPE, byte-fallback tokens): a
+    window that decodes to a trailing replacement character is held until the character completes.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tok = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0  # characters of the decoded text already given out
+        self.prefix = 0  # window start: the ids of the last emitted piece, kept as context
+        self.read = 0  # ids before this were emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):  # incomplete character: wait for the next token
+        context = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
+        if len(text) <= len(context) or text.endswith("\ufffd"):  # nothing new yet, or a character half-done
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(context) :]
 
-    def text(self) -> str:
-        return self.tok.decode(self.ids)
+    def flush(self) -> str:
+        """What is held back at the end (a character that never completed decodes as U+FFFD)."""
+        context = self.tok.decode(self.ids[self.prefix : self.read])
+        text = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return text[len(context) :]

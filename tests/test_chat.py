@@ -5,9 +5,9 @@ from conftest import build, small_config
 
 from longboi.chat import ChatSession
 from longboi.checkpoint import save_checkpoint
-from longboi.data.finetune import chatml, tokenize_row
+from longboi.data.finetune import tokenize_row
 from longboi.generate import SamplingParams
-from longboi.tokenizer import Tokenizer
+from longboi.tokenizer import Tokenizer, chatml
 
 
 def test_session_history_template_and_reset(tokenizer_path):

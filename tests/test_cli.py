@@ -60,3 +60,20 @@ def test_core_imports_without_optional_extras():
         "import longboi.cli, longboi.model, longboi.generate, longboi.checkpoint, longboi.export.hf, longboi.plan"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sampling_options_none_and_zero_and_bad_values_from_the_cli(tmp_path, tokenizer_path, capsys):
+    ck = tmp_path / "ck"
+    assert main(["init", "tiny", str(ck), "--tokenizer", str(tokenizer_path)]) == 0
+    base = ["generate", str(ck), "--prompt", "Hi", "--max-new-tokens", "3", "--seed", "1"]
+    assert main(base + ["--top-k", "none", "--top-p", "none"]) == 0  # as documented: no limit
+    assert main(base + ["--top-k", "0"]) == 0  # 0 is no limit too
+    capsys.readouterr()
+    for flag, value, field in [
+        ("--top-k", "-3", "top_k"),
+        ("--top-p", "1.5", "top_p"),
+        ("--temperature", "-1", "temperature"),
+    ]:
+        assert main(base + [flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: sampling parameter {field}: expected") and "\n" not in err

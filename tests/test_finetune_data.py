@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from conftest import SHARED, build, small_config
 
-from longboi.data.finetune import IGNORE, chatml, load_examples, pack, tokenize_row
+from longboi.data.finetune import IGNORE, load_examples, pack, tokenize_row
 from longboi.errors import UserError
-from longboi.tokenizer import Tokenizer
+from longboi.tokenizer import Tokenizer, chatml
 
 DOLLY = SHARED / "instruct" / "dolly_hhrlhf_small.jsonl"
 CHAT = {
@@ -116,8 +116,8 @@ def test_packing_never_mixes_examples(tok):
 
 def test_the_tokenizers_own_jinja_chat_template_is_used_for_training_and_chat(tmp_path, tokenizer_path):
     from longboi.chat import ChatSession
-    from longboi.data.finetune import render_chat
     from longboi.generate import SamplingParams
+    from longboi.tokenizer import render_chat
 
     template = (
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"

@@ -116,3 +116,34 @@ def test_text_generation_stop_strings_and_streaming(tokenizer_path):
 def test_empty_prompt_is_an_error():
     with pytest.raises(ValueError, match="at least one token"):
         next(generate_ids(build(small_config()), [[]], SamplingParams(), eos_id=None))
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("max_new_tokens", -1),
+        ("max_new_tokens", 2.5),
+        ("temperature", -0.1),
+        ("temperature", float("nan")),
+        ("temperature", float("inf")),
+        ("top_k", -1),
+        ("top_k", 1.5),
+        ("top_p", 0.0),
+        ("top_p", 1.01),
+        ("repetition_penalty", 0.0),
+        ("stop", ("",)),
+        ("stop", (3,)),
+        ("seed", "x"),
+        ("seed", True),
+    ],
+)
+def test_sampling_params_are_checked_in_one_place(field, value):
+    from longboi.errors import UserError
+
+    with pytest.raises(UserError, match=f"^sampling parameter {field}: expected .*, got "):
+        SamplingParams(**{field: value})
+
+
+def test_top_k_zero_and_none_mean_no_limit():
+    assert SamplingParams(top_k=0).top_k is None and SamplingParams(top_k=None).top_k is None
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")

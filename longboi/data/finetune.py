@@ -18,19 +18,9 @@ from typing import Literal
 import torch
 
 from longboi.errors import UserError
-from longboi.tokenizer import Tokenizer
+from longboi.tokenizer import ROLES, Tokenizer, render_chat
 
 IGNORE = -100
-ROLES = ("system", "user", "assistant")
-
-
-def chatml(role: str, content: str) -> str:
-    """One ChatML turn. At inference the prompt ends with chatml_open("assistant")."""
-    return f"<|im_start|>{role}\n{content}<|im_end|>\n"
-
-
-def chatml_open(role: str) -> str:
-    return f"<|im_start|>{role}\n"
 
 
 @dataclass(frozen=True)
@@ -48,19 +38,6 @@ class FinetuneReport:
     truncated: int = 0
     dropped: int = 0
     skip_examples: list[str] | None = None
-
-
-def render_chat(messages: list[dict], template: str | None, add_generation_prompt: bool) -> str:
-    """The conversation as text: the tokenizer's Jinja chat template if it has one, else ChatML."""
-    if template is None:
-        text = "".join(chatml(m["role"], m["content"]) for m in messages)
-        return text + (chatml_open("assistant") if add_generation_prompt else "")
-    import jinja2  # a torch dependency, always installed
-
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token="", eos_token=""
-    )
 
 
 def _chat_segments(messages: list, where: str, template: str | None) -> list[tuple[str, bool]]:
