@@ -4,7 +4,7 @@
                               [--out bench/results/attention.json]
 
 Candidates (each checked against the eager fp32 reference, max |difference| of the output):
-- `model`: what `MPTForCausalLM` runs in training (`longboi.model.sdpa_attention`): on CPU the flash
+- `model`: what `MPTForCausalLM` runs in training (picked in `MPTAttention.forward`): on CPU the flash
   kernel with a key-only bias and `is_causal`; on CUDA one SDPA call per layer over a bias built
   once per forward and shared by the layers (the bias is cached in the AttentionMask).
 - `bias per call`: SDPA with the full (1, H, T, T) bias rebuilt for each call (no sharing).
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from longboi.hardware import cpu_capability
-from longboi.model import AttentionMask, alibi_slopes, eager_attention, sdpa_attention
+from longboi.model import AttentionMask, alibi_slopes, biased_attention, eager_attention, key_bias_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def candidates(slopes: torch.Tensor, T: int, device: torch.device, scale: float) -> dict:
     shared = AttentionMask(T, T, slopes, device)  # one per forward in the model, shared by its layers
 
-    def model_path(q, k, v):
-        return sdpa_attention(q, k, v, shared, scale, 0.0)
+    def model_path(q, k, v):  # what MPTAttention.forward picks for training on this device
+        path = biased_attention if q.is_cuda else key_bias_attention
+        return path(q, k, v, shared, scale, 0.0)
 
     def bias_per_call(q, k, v):
         bias = AttentionMask(T, T, slopes, device).bias(0, T).to(q.dtype if q.is_cuda else torch.float32)

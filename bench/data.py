@@ -5,7 +5,10 @@
 - `prepare` throughput (MiB/s, tokens/s) with 1 and 2 worker processes, against the peer: plain
   `tokenizers` `encode_batch` (Rust, multi-threaded) on the same documents, no I/O or sharding;
 - loader throughput (samples/s) of StreamLoader over the prepared shards, 0 and 2 workers;
-- time to the first batch when resuming at sample 0 vs deep into the stream (should be flat).
+- time to the first batch when resuming at sample 0 vs deep into the stream (should be flat);
+- `locate` (global index -> source, sample) per sample on a 2-source mix: the per-window plan cache
+  against the earlier code (`locate_uncached` below: plan rebuilt and shuffled for every sample),
+  checked to give the same answers.
 """
 
 from __future__ import annotations
@@ -35,11 +38,30 @@ def timed(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def locate_uncached(ds, g: int) -> tuple[int, int]:
+    """The earlier `StreamingDataset.locate`: the window's plan rebuilt and shuffled for every sample."""
+    import numpy as np
+
+    from longboi.data.stream import WINDOW, _rng
+
+    epoch, pos = divmod(g, ds.epoch_samples)
+    window, offset = divmod(pos, WINDOW)
+    table = ds._window_counts(epoch)
+    counts = table[window + 1] - table[window]
+    plan = np.repeat(np.arange(len(counts)), counts)
+    _rng(ds.seed, 2_000_003, epoch, window).shuffle(plan)
+    source = int(plan[offset])
+    k = int(epoch * ds.counts[source] + table[window, source] + np.count_nonzero(plan[:offset] == source))
+    data = ds.data[source]
+    pass_id, idx = divmod(k, data.size)
+    return source, int(data.permutation(ds.seed, source, pass_id, ds.shuffle, ds.shuffle_block)[idx])
+
+
 def main() -> None:
     from tokenizers import Tokenizer as HFTokenizer
 
     from longboi.data.prepare import prepare
-    from longboi.data.stream import StreamingDataset, StreamLoader
+    from longboi.data.stream import Source, StreamingDataset, StreamLoader
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
@@ -99,6 +121,16 @@ def main() -> None:
         t = time.perf_counter() - start
         results[f"resume_at_{position}_first_batch_s"] = t
         print(f"{'resume at sample ' + format(position, ','):<40}{t:>9.3f}  s to the first batch")
+    mixed = StreamingDataset([Source(str(tmp / "ds" / "train"), 0.7), Source(str(tmp / "ds" / "train"), 0.3)], seed=0)
+    indices = range(1_000_000, 1_002_000)
+    assert [mixed.locate(g) for g in indices] == [locate_uncached(mixed, g) for g in indices]
+    for name, fn in (("cached", mixed.locate), ("uncached", lambda g: locate_uncached(mixed, g))):
+        start = time.perf_counter()
+        for g in indices:
+            fn(g)
+        per = (time.perf_counter() - start) / len(indices)
+        results[f"locate_{name}_us"] = 1e6 * per
+        print(f"{'locate per sample, ' + name + ' (us)':<40}{1e6 * per:>30,.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")

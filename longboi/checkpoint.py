@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from longboi import __version__
-from longboi.config import ModelConfig, from_mpt_dict, to_mpt_dict
+from longboi.config import ModelConfig, from_mpt_dict, hf_unsupported, to_mpt_dict
 from longboi.errors import UserError
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
@@ -51,7 +51,6 @@ def unwrap(model: torch.nn.Module) -> MPTForCausalLM:
 
 
 def config_json(cfg: ModelConfig) -> dict[str, Any]:
-    from longboi.export.hf import hf_unsupported  # local: export imports this module
 
     representable = not hf_unsupported(cfg)
     return {
@@ -85,19 +84,40 @@ class _AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        for f in self.tmp.iterdir():  # data on disk before the rename makes it visible
+        publish(self.tmp, self.path)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Make the complete directory `tmp` visible as `path`, atomically, replacing any old `path`.
+
+    Files are synced first, so the rename never exposes data still in flight. An existing `path`
+    is swapped in one renameat2(RENAME_EXCHANGE) on Linux: at every instant `path` is either the
+    complete old or the complete new version. Both model checkpoints and training checkpoints
+    publish through here; a crash leaves at most a stray `.tmp-*` (see `remove_stale`).
+    """
+    for f in tmp.iterdir():
+        if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if self.path.exists() and _exchange(self.tmp, self.path):
-            shutil.rmtree(self.tmp, ignore_errors=True)  # now holds the previous version
-            return
-        old = None
-        if self.path.exists():  # no atomic exchange here: a crash between these renames loses `path`
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    if path.exists() and _exchange(tmp, path):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the previous version
+        return
+    old = None
+    if path.exists():  # no atomic exchange on this system: a crash between these renames loses `path`
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale(parent: Path) -> list[Path]:
+    """Delete the `.tmp-*` / `.old-*` directories that a killed save left in `parent`; return them.
+    Call only where no save is in progress (at the start of a run)."""
+    stale = [p for p in parent.glob(".*") if p.is_dir() and (".tmp-" in p.name or ".old-" in p.name)]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -107,18 +107,7 @@ def generate(
 
     text = _read_prompt(prompt, prompt_file)
     model, tok = _load(ckpt, dtype, allow_pickle)
-    n_prompt = len(tok.encode(text))
-    if n_prompt > model.config.max_seq_len:
-        if not model.config.alibi:
-            raise UserError(
-                f"prompt has {n_prompt} tokens, over max_seq_len {model.config.max_seq_len}, and this "
-                "model uses learned position embeddings, which cannot extrapolate"
-            )
-        print(
-            f"note: prompt has {n_prompt} tokens, past the trained max_seq_len {model.config.max_seq_len}; "
-            "ALiBi extrapolates, quality may degrade far beyond it",
-            file=sys.stderr,
-        )
+    _note_long_prompt(model.config, len(tok.encode(text)))
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -211,17 +200,18 @@ def prepare(
     return {"tokens": r.tokens, "samples": r.samples, "skipped": r.skipped, "seconds": r.seconds}
 
 
-def train(config: str) -> dict:
+def train(config: str, *overrides: str) -> dict:
     """Pretrain (or resume) a model from a YAML run config; add --section.key value to override keys.
 
     Args:
-        config: the run config YAML (see configs/pretrain/). Any key can be overridden on the command
-            line, e.g. --optimizer.lr 3e-4 --max_duration 200ba --model.n_layers 2.
+        config: the run config YAML (see configs/pretrain/).
+        overrides: after the config, any key as --section.key value, e.g. --optimizer.lr 3e-4
+            --max_duration 6min --model.n_layers 2 (from Python: train("run.yaml", "--optimizer.lr", "3e-4")).
     """
     from longboi.train.config import load_train_config
     from longboi.train.loop import train as run
 
-    cfg = load_train_config(config, _OVERRIDES)
+    cfg = load_train_config(config, list(overrides))
     result = run(cfg)
     if result.final is not None and _is_main_process():
         e = result.eval
@@ -237,14 +227,15 @@ def train(config: str) -> dict:
     return {"steps": result.steps, "val_loss": result.val_loss, "final": str(result.final)}
 
 
-def finetune(config: str) -> dict:
+def finetune(config: str, *overrides: str) -> dict:
     """Finetune a checkpoint on instruction or chat jsonl (the run config's `finetune:` section + `init_from`).
 
     Args:
         config: the run config YAML (see configs/finetune/). The same loop, checkpointing, autoresume,
-            monitoring and torchrun support as `train`; --section.key value overrides keys.
+            monitoring and torchrun support as `train`.
+        overrides: after the config, any key as --section.key value.
     """
-    return train(config)
+    return train(config, *overrides)
 
 
 def chat(
@@ -337,15 +328,15 @@ def export(train_checkpoint: str, out: str, tokenizer: str | None = None) -> Pat
         out: the checkpoint directory to write (config.json + model.safetensors + tokenizer.json).
         tokenizer: tokenizer.json to include (default: the one the run used).
     """
-    from longboi.train import state
+    from longboi.train import checkpoint
 
     src = Path(train_checkpoint)
     if not (src / "train_state.json").is_file():
-        found = state.checkpoints(src)
+        found = checkpoint.checkpoints(src)
         if not found:
             raise UserError(f"{src}: neither a training checkpoint nor a run directory with checkpoints")
         src = found[-1]
-    path = state.export_weights(src, out, tokenizer)
+    path = checkpoint.export_weights(src, out, tokenizer)
     print(f"wrote {path} (from {src})", file=sys.stderr)
     return path
 
@@ -450,7 +441,6 @@ COMMANDS: list[Callable] = [
     eval,
     perplexity,
 ]
-_OVERRIDES: list[str] = []  # `--section.key value` pairs after a train config (see main)
 
 
 def _is_main_process() -> bool:
@@ -480,6 +470,22 @@ def _load(ckpt: str, dtype: Precision, allow_pickle: bool = False):
         raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
     choice = resolve_precision(dtype, torch.device("cpu"))
     return load_model(ckpt, allow_pickle=allow_pickle, dtype=choice.dtype), tok
+
+
+def _note_long_prompt(cfg, n_prompt: int) -> None:
+    """A prompt past max_seq_len: fine with ALiBi (noted once), an error with learned positions."""
+    if n_prompt <= cfg.max_seq_len:
+        return
+    if not cfg.alibi:
+        raise UserError(
+            f"prompt has {n_prompt} tokens, over max_seq_len {cfg.max_seq_len}, and this "
+            "model uses learned position embeddings, which cannot extrapolate"
+        )
+    print(
+        f"note: prompt has {n_prompt} tokens, past the trained max_seq_len {cfg.max_seq_len}; "
+        "ALiBi extrapolates, quality may degrade far beyond it",
+        file=sys.stderr,
+    )
 
 
 def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -547,6 +553,9 @@ def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
         else:
             kwargs["type"] = _none_or(tp) if tp is not hints[name] else tp
         flag = "--" + name.replace("_", "-")
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:  # everything after the positionals, as given
+            parser.add_argument(name, nargs=argparse.REMAINDER, help=kwargs["help"])
+            continue
         if param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is inspect.Parameter.empty:
             parser.add_argument(flag, dest=name, required=True, **kwargs)  # keyword-only: a required option
         elif param.default is inspect.Parameter.empty:
@@ -554,6 +563,16 @@ def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
         else:
             parser.add_argument(flag, dest=name, default=param.default, **kwargs)
     parser.set_defaults(_fn=fn)
+
+
+def _call(fn: Callable, args: dict) -> object:
+    """Call a command with parsed arguments; a *varargs parameter takes the positionals before it in order."""
+    params = list(inspect.signature(fn).parameters.values())
+    star = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    if star is None:
+        return fn(**args)
+    positional = [args.pop(p.name) for p in params[:star]] + list(args.pop(params[star].name) or [])
+    return fn(*positional, **args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -566,14 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    namespace, extra = parser.parse_known_args(argv)
-    args = vars(namespace)
+    args = vars(parser.parse_args(argv))
     fn = args.pop("_fn")
-    if extra and fn not in (train, finetune):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _OVERRIDES[:] = extra
     try:
-        fn(**args)
+        _call(fn, args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

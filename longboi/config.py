@@ -257,6 +257,32 @@ _UNSUPPORTED_MPT = [
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
+def hf_unsupported(cfg: ModelConfig) -> list[str]:
+    """The features of `cfg` that transformers' native MptForCausalLM would silently compute differently."""
+    problems = []
+    if cfg.attn_type != "multihead_attention":
+        problems.append(f"attn_type={cfg.attn_type} (HF MPT is multi-head only)")
+    if cfg.qk_ln:
+        problems.append("qk_ln=true (HF MPT has no QK-LayerNorm)")
+    if not cfg.alibi:
+        problems.append("alibi=false (HF MPT always applies ALiBi)")
+    if cfg.learned_pos_emb:
+        problems.append("learned_pos_emb=true (HF MPT has no position embedding)")
+    if cfg.alibi and cfg.alibi_bias_max != 8:
+        problems.append(f"alibi_bias_max={cfg.alibi_bias_max} (HF MPT always uses 8)")
+    if cfg.expansion_ratio != 4:
+        problems.append(f"expansion_ratio={cfg.expansion_ratio} (HF MPT's MLP is always 4 * d_model)")
+    if not cfg.no_bias:
+        problems.append("no_bias=false (HF MPT has no biases)")
+    if cfg.norm_type == "rmsnorm":
+        problems.append("norm_type=rmsnorm (HF MPT uses LayerNorm)")
+    if cfg.logit_scale is not None:
+        problems.append(f"logit_scale={cfg.logit_scale} (HF MPT does not scale logits)")
+    if cfg.attn_pdrop != 0:
+        problems.append(f"attn_pdrop={cfg.attn_pdrop} (HF's MptConfig only accepts an int)")
+    return problems
+
+
 def to_mpt_dict(c: ModelConfig) -> dict[str, Any]:
     """The config in MPT's nested `config.json` layout (attn_config / init_config sub-dicts)."""
     flat = dataclasses.asdict(c)

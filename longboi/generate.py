@@ -122,26 +122,41 @@ def generate_ids(
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    _check_length(model, prompts, params)
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    first = ids.gather(1, mask.argmax(dim=1, keepdim=True))  # (B, 1) each row's first real token
     generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
-    cache = model.new_cache() if use_cache else None
+    cache = model.new_cache(ids.shape[1] + params.max_new_tokens) if use_cache else None
     logits = _prefill(model, ids, mask, cache)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(params.max_new_tokens):
+    for step in range(params.max_new_tokens):
         if valid_vocab is not None:
             logits[:, valid_vocab:] = float("-inf")
-        token = pick(process_logits(logits, ids, params), params, generator)
+        context = torch.where(mask.bool(), ids, first)  # pads stand in as a real token: never penalized
+        token = pick(process_logits(logits, context, params), params, generator)
         if eos_id is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id
         yield token
-        if bool(done.all()):
+        if bool(done.all()) or step == params.max_new_tokens - 1:  # no forward for a token never sampled
             return
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
         step_input = token[:, None] if cache is not None else ids
         logits = model(step_input, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
+
+
+def _check_length(model: MPTForCausalLM, prompts: list[list[int]], params: SamplingParams) -> None:
+    """Learned position embeddings stop at max_seq_len (ALiBi models run past it)."""
+    cfg = model.config
+    longest = max(len(p) for p in prompts)
+    if cfg.learned_pos_emb and longest + params.max_new_tokens > cfg.max_seq_len:
+        raise UserError(
+            f"a prompt of {longest} tokens plus max_new_tokens {params.max_new_tokens} exceeds this model's "
+            f"max_seq_len {cfg.max_seq_len} (learned position embeddings cannot extrapolate): use at most "
+            f"{max(cfg.max_seq_len - longest, 0)} new tokens or a shorter prompt"
+        )
 
 
 def _prefill(model: MPTForCausalLM, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:

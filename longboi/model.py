@@ -71,10 +71,12 @@ def build_norm(cfg: ModelConfig, dim: int) -> nn.Module:
 
 
 class KVCache:
-    """Keys/values of all layers for incremental decoding, in one buffer that doubles when full.
+    """Keys/values of all layers for incremental decoding, in one buffer per kind.
 
-    Allocated on first use with the dtype attention produces (bf16 under autocast). Stores kv_heads
-    heads, so GQA/MQA caches are n_heads/kv_heads times smaller.
+    Sized for `capacity` positions, allocated on first use with the dtype attention produces (bf16
+    under autocast). Callers that know the final length (generation: prompt + new tokens) give it,
+    so the buffer is allocated once; past it, the buffer doubles. Stores kv_heads heads, so GQA/MQA
+    caches are n_heads/kv_heads times smaller.
     """
 
     def __init__(self, n_layers: int, capacity: int = 256):
@@ -86,7 +88,8 @@ class KVCache:
         """Store this step's (B, Hkv, T, D) keys/values for `layer`; return all keys/values so far."""
         end = self.length + k.shape[2]
         if self.keys is None or end > self.keys.shape[3]:
-            self._grow(k, max(end, 2 * (self.keys.shape[3] if self.keys is not None else self.capacity)))
+            grown = self.capacity if self.keys is None else 2 * self.keys.shape[3]
+            self._grow(k, max(end, grown))
         assert self.keys is not None and self.values is not None
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
@@ -104,6 +107,12 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Called once per forward, after every layer has stored its n new positions."""
         self.length += n
+
+    def repeat_rows(self, n: int) -> None:
+        """Repeat each sequence n times along the batch (one shared context, n continuations to score)."""
+        assert self.keys is not None and self.values is not None, "repeat_rows needs a filled cache"
+        self.keys = self.keys.repeat_interleave(n, dim=1)  # (L, B * n, Hkv, capacity, D)
+        self.values = self.values.repeat_interleave(n, dim=1)
 
 
 class AttentionMask:
@@ -186,28 +195,35 @@ class AttentionMask:
             self._chunks[dtype] = built
 
 
-def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout_p: float
-) -> torch.Tensor:
-    """(B, H, Tq, D) x (B, Hkv, Tk, D) -> (B, H, Tq, D) through torch's fused SDPA kernels."""
+# -- attention paths: (B, H, Tq, D) queries x (B, Hkv, Tk, D) keys/values -> (B, H, Tq, D) ---------------
+# MPTAttention.forward picks one; each is exact (tested against eager_attention).
+
+
+def causal_attention(q, k, v, mask: AttentionMask, scale: float, dropout_p: float) -> torch.Tensor:
+    """No ALiBi, no cache, no padding: SDPA's causal kernels (flash on GPU), no mask tensor at all."""
     gqa = q.shape[1] != k.shape[1]
-    fresh = mask.simple and mask.q_len == mask.k_len  # training / prefill with an empty cache
-    if fresh and mask.key_bias is None:  # no ALiBi: plain causal attention
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
-    # Only the CPU flash kernel takes a mask together with is_causal; the math fallback (used for
-    # dropout) and the GPU kernels refuse it, so they take the explicit path below.
-    if fresh and q.device.type == "cpu" and dropout_p == 0:  # no (T x T) tensor at all
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask.key_bias, is_causal=True, scale=scale, enable_gqa=gqa
-        )
-    if mask.simple and mask.q_len == 1 and dropout_p == 0:  # decoding one token: it sees every cached key
-        return decode_attention(q, k, v, mask.key_bias, scale)
-    # Everything else: an explicit bias, in query-row chunks. The CPU kernels take an fp32 bias with
-    # bf16 inputs; the CUDA ones want the inputs' dtype (which also halves the bias).
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=gqa)
+
+
+def key_bias_attention(q, k, v, mask: AttentionMask, scale: float, dropout_p: float) -> torch.Tensor:
+    """ALiBi on CPU without cache or padding: a (1, H, 1, Tk) key-only bias with is_causal.
+
+    Only the CPU flash kernel takes a mask together with is_causal (the GPU kernels and the math
+    fallback used for dropout refuse it); it builds no (T x T) tensor at any length.
+    """
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.key_bias, is_causal=True, scale=scale, enable_gqa=gqa)
+
+
+def biased_attention(q, k, v, mask: AttentionMask, scale: float, dropout_p: float) -> torch.Tensor:
+    """Everything else (ALiBi on GPU, KV cache, padding, packed documents): an explicit additive bias,
+    in query-row chunks, built once per forward and shared by the layers while it is small enough.
+    CPU kernels take an fp32 bias with bf16 inputs; CUDA ones want the inputs' dtype (half the bytes)."""
+    gqa = q.shape[1] != k.shape[1]
     out = [
         F.scaled_dot_product_attention(
             q[:, :, start:end], k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale, enable_gqa=gqa
-        )
+        )  # (B, H, end - start, D)
         for start, end, bias in mask.bias_chunks(torch.float32 if q.device.type == "cpu" else q.dtype)
     ]
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
@@ -289,12 +305,19 @@ class MPTAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, past + T, D)
         dropout_p = cfg.attn_pdrop if self.training else 0.0
-        if cfg.attn_impl == "eager":
+        fresh = mask.simple and mask.q_len == mask.k_len  # training / prefill: no cache, padding or packing
+        if cfg.attn_impl == "eager":  # the reference: materializes the scores
             y = eager_attention(q, k, v, mask, self.scale, dropout_p)
-        elif cfg.attn_impl == "flash" and q.is_cuda and mask.simple:
+        elif cfg.attn_impl == "flash" and q.is_cuda and mask.simple:  # flash-attn 2, ALiBi by slopes
             y = flash_attention(q, k, v, mask, self.scale, dropout_p)
-        else:  # "sdpa", and "flash" where flash-attn cannot express the mask (padding, packing)
-            y = sdpa_attention(q, k, v, mask, self.scale, dropout_p)
+        elif fresh and mask.key_bias is None:  # no ALiBi
+            y = causal_attention(q, k, v, mask, self.scale, dropout_p)
+        elif fresh and q.device.type == "cpu" and dropout_p == 0:
+            y = key_bias_attention(q, k, v, mask, self.scale, dropout_p)
+        elif mask.simple and mask.q_len == 1 and dropout_p == 0:  # decoding: one query sees every cached key
+            y = decode_attention(q, k, v, mask.key_bias, self.scale)
+        else:
+            y = biased_attention(q, k, v, mask, self.scale, dropout_p)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, cfg.d_model))  # (B, T, d)
 
 
@@ -364,12 +387,15 @@ class MPTModel(nn.Module):
         past = cache.length if cache is not None else 0
         x = self.wte(input_ids)  # (B, T, d)
         if self.cfg.learned_pos_emb:
-            if past + T > self.cfg.max_seq_len:
+            pos = torch.arange(past, past + T, device=x.device)  # (T,)
+            if attention_mask is not None:  # left padding: a row's first real token is position 0
+                pos = (pos - (attention_mask == 0).cumsum(dim=1)[:, past : past + T]).clamp(min=0)  # (B, T)
+            if int(pos.max()) >= self.cfg.max_seq_len:
                 raise ValueError(
-                    f"sequence of {past + T} tokens exceeds max_seq_len {self.cfg.max_seq_len} "
+                    f"position {int(pos.max())} is past max_seq_len {self.cfg.max_seq_len} "
                     "(learned position embeddings cannot extrapolate; ALiBi models can)"
                 )
-            x = x + self.wpe(torch.arange(past, past + T, device=x.device))
+            x = x + self.wpe(pos)
         if self.cfg.embedding_fraction < 1:  # scales the embedding gradient only (GLM-130B's trick)
             f = self.cfg.embedding_fraction
             x = x * f + x.detach() * (1 - f)
@@ -418,6 +444,15 @@ class ChunkedLMLoss(torch.autograd.Function):
         return grad_h * grad_out, grad_w * grad_out, None, None, None
 
 
+def chunked_lm_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, scale: float, chunk: int):
+    """ChunkedLMLoss's value alone (no gradient work): the mean cross-entropy, `chunk` rows of logits at a time."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk):
+        logits = (h[s : s + chunk] @ weight.t()).float() * scale  # (c, V)
+        total += F.cross_entropy(logits, targets[s : s + chunk], ignore_index=-100, reduction="sum")
+    return total / max(int((targets != -100).sum()), 1)
+
+
 class MPTForCausalLM(nn.Module):
     """The MPT language model: `transformer` (MPT's name for the trunk) plus the LM head."""
 
@@ -455,7 +490,10 @@ class MPTForCausalLM(nn.Module):
                 dtype = torch.get_autocast_dtype(h.device.type)
                 h, weight = h.to(dtype), weight.to(dtype)
             scale = self.config.logit_scale if self.config.logit_scale is not None else 1.0
-            return ChunkedLMLoss.apply(h.flatten(0, 1), weight, labels.flatten(), scale, LOSS_CHUNK_ROWS)
+            h, targets = h.flatten(0, 1), labels.flatten()
+            if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+                return ChunkedLMLoss.apply(h, weight, targets, scale, LOSS_CHUNK_ROWS)
+            return chunked_lm_loss(h, weight, targets, scale, LOSS_CHUNK_ROWS)  # evaluation: no gradients
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.head(h)
@@ -470,8 +508,9 @@ class MPTForCausalLM(nn.Module):
         """(vocab, d) LM-head weight: the embedding table when tied."""
         return self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.n_layers)
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        """An empty KV cache; give the final length (prompt + new tokens) when known."""
+        return KVCache(self.config.n_layers, capacity)
 
     def _init_module(self, module: nn.Module) -> None:
         """MPT's init: kaiming-normal (fan_in) or normal weights, residual projections scaled down."""

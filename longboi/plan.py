@@ -28,10 +28,6 @@ class ModelStats:
     def train_flops_per_token(self) -> int:
         return 6 * self.matmul_params + 12 * self.n_layers * self.d_model * self.seq_len
 
-    @property
-    def forward_flops_per_token(self) -> int:
-        return self.train_flops_per_token // 3
-
 
 def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
     """Counts for `cfg`, built on the meta device (no memory, even for mpt-30b)."""

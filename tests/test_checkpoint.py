@@ -102,3 +102,46 @@ def test_bad_checkpoint_directories_give_clear_errors(tmp_path, capsys):
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UserError, match="'llama' is not an MPT model"):
         load_model(tmp_path / "ck")
+
+
+REPLACE_AND_DIE = """
+import os, shutil, sys, torch
+sys.path.insert(0, sys.argv[2])
+from conftest import build, small_config
+from longboi.train import checkpoint as ckpt
+from longboi.train.parallelize import Dist
+model = build(small_config())
+opt = torch.optim.AdamW(model.parameters())
+real, calls = shutil.rmtree, []
+def rmtree_then_die(path, *a, **k):  # the worst moment: right after the removal that replaces step 5
+    real(path, *a, **k)
+    calls.append(path)
+    if len(calls) == 2:  # the first clears the save's own temp dir
+        os.kill(os.getpid(), 9)
+shutil.rmtree = rmtree_then_die
+ckpt.save(sys.argv[1], 5, model, opt, {"progress": {}}, Dist(), keep=3)
+"""
+
+
+def test_kill_9_during_a_same_step_training_checkpoint_replacement(tmp_path):
+    """Re-saving a step (after a rollback) replaces it atomically: killed right after it removes a
+    directory, the save still leaves a complete step 5 (the old code removed step 5, then died)."""
+    from conftest import ROOT
+
+    from longboi.train import checkpoint as train_ckpt
+    from longboi.train.parallelize import Dist
+
+    model = build(small_config())
+    train_ckpt.save(tmp_path, 5, model, torch.optim.AdamW(model.parameters()), {"progress": {}}, Dist(), keep=3)
+    done = subprocess.run([sys.executable, "-c", REPLACE_AND_DIE, str(tmp_path), str(ROOT / "tests")])
+    assert done.returncode == -signal.SIGKILL
+    assert [p.name for p in train_ckpt.checkpoints(tmp_path)] == ["step-00000005"]
+    train_ckpt.load(train_ckpt.checkpoints(tmp_path)[0], model, torch.optim.AdamW(model.parameters()), Dist())
+
+
+def test_stale_temp_directories_are_removed(tmp_path):
+    for name in (".tmp-step-00000007", ".final.tmp-x1y2", ".ck.old-123", "step-00000005", ".keep"):
+        (tmp_path / name).mkdir()
+    removed = ckpt.remove_stale(tmp_path)
+    assert sorted(p.name for p in removed) == [".ck.old-123", ".final.tmp-x1y2", ".tmp-step-00000007"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keep", "step-00000005"]

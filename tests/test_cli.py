@@ -54,12 +54,20 @@ def test_init_then_generate_through_the_real_command(tmp_path, tokenizer_path):
     assert "Traceback" not in bad.stderr
 
 
-def test_core_imports_without_optional_extras():
-    code = (
-        "import sys; sys.modules['transformers'] = None\n"
-        "import longboi.cli, longboi.model, longboi.generate, longboi.checkpoint, longboi.export.hf, longboi.plan"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
+# What the extras install ([hf], [s3], [plot], [lora], [tensorboard], [wandb], [dev]): none may be needed
+# to import any longboi module (each is imported where its feature is used).
+EXTRAS = ["transformers", "s3fs", "matplotlib", "peft", "tensorboard", "torch.utils.tensorboard", "wandb", "lm_eval",
+          "moto", "accelerate", "fastapi", "uvicorn", "onnx", "onnxruntime", "gguf", "llama_cpp"]  # fmt: skip
+
+
+def test_every_module_imports_without_any_optional_extra():
+    from conftest import ROOT
+
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "longboi").rglob("*.py"))
+    assert "longboi.train.loop" in modules and len(modules) > 25
+    code = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in EXTRAS)  # import -> ImportError
+    code += "".join(f"import {m.removesuffix('.__init__').removesuffix('.__main__')}\n" for m in modules)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_sampling_options_none_and_zero_and_bad_values_from_the_cli(tmp_path, tokenizer_path, capsys):
@@ -77,3 +85,17 @@ def test_sampling_options_none_and_zero_and_bad_values_from_the_cli(tmp_path, to
         assert main(base + [flag, value]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"error: sampling parameter {field}: expected") and "\n" not in err
+
+
+def test_train_overrides_are_an_argument_of_the_same_function():
+    """`longboi train CFG --k v` and `longboi.cli.train(CFG, "--k", "v")` are one function, no global state."""
+    import inspect
+
+    from longboi import cli
+
+    ns = build_parser().parse_args(["train", "run.yaml", "--optimizer.lr", "1e-4", "--max_duration=6min"])
+    assert (ns.config, ns.overrides) == ("run.yaml", ["--optimizer.lr", "1e-4", "--max_duration=6min"])
+    assert ns._fn is cli.train and list(inspect.signature(cli.finetune).parameters) == ["config", "overrides"]
+    assert not [name for name in vars(cli) if name.isupper() and name != "COMMANDS"]  # no module-level state
+    with pytest.raises(SystemExit):  # other commands still refuse stray arguments
+        build_parser().parse_args(["info", "tiny", "--bogus"])

@@ -7,14 +7,14 @@ import time
 
 import pytest
 import yaml
-from test_train import SMALL_MODEL, data, run_config, train_losses  # noqa: F401  (data is a fixture)
+from test_train import run_config, train_losses
 
 from longboi.cli import main
 
 pytestmark = pytest.mark.distributed
 
 
-def torchrun(config, nproc=2, **popen):
+def torchrun(config, nproc=2, command="train", **popen):
     cmd = [
         sys.executable,
         "-m",
@@ -23,7 +23,7 @@ def torchrun(config, nproc=2, **popen):
         f"--nproc_per_node={nproc}",
         "-m",
         "longboi",
-        "train",
+        command,
         str(config),
     ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
@@ -45,14 +45,14 @@ KNOBS = {
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, data):  # noqa: F811
+def single(tmp_path_factory, data):
     tmp = tmp_path_factory.mktemp("single")
     assert main(["train", str(write(tmp, "single", run_config(data, tmp / "run", **KNOBS)))]) == 0
     return train_losses(tmp / "run")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(mode, tmp_path, data, single):  # noqa: F811
+def test_two_processes_match_one_with_the_same_global_batch(mode, tmp_path, data, single):
     proc = torchrun(write(tmp_path, mode, run_config(data, tmp_path / "run", parallel=mode, **KNOBS)))
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
@@ -62,7 +62,7 @@ def test_two_processes_match_one_with_the_same_global_batch(mode, tmp_path, data
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
 
 
-def test_fsdp_save_on_two_processes_resumes_on_one(tmp_path, data, single):  # noqa: F811
+def test_fsdp_save_on_two_processes_resumes_on_one(tmp_path, data, single):
     cfg = write(
         tmp_path, "fsdp", run_config(data, tmp_path / "run", parallel="fsdp", **KNOBS, **{"checkpoint.every": "2ba"})
     )
@@ -106,3 +106,23 @@ def test_lora_finetune_with_ddp_matches_one_process(tmp_path):
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 * max(1.0, abs(a[k])) for k in a), (a, b)
     assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_finetune_loss_is_the_token_mean_on_two_ranks_with_micro_1_as_with_one_process_micro_4(tmp_path):
+    """Rows hold different numbers of target tokens; the loss must not depend on how they are split."""
+    from conftest import TOKENIZER, build, finetune_run, small_config
+
+    from longboi.checkpoint import save_checkpoint
+    from longboi.tokenizer import Tokenizer
+
+    base = tmp_path / "base"
+    save_checkpoint(build(small_config(max_seq_len=64)), base, Tokenizer(TOKENIZER))
+    common = finetune_run(base, parallel="ddp", max_duration="3ba", global_batch_size=8)
+    one = write(tmp_path, "one", {**common, "run_dir": str(tmp_path / "one"), "micro_batch_size": 4})
+    two = write(tmp_path, "two", {**common, "run_dir": str(tmp_path / "two"), "micro_batch_size": 1})
+    assert main(["finetune", str(one)]) == 0
+    proc = torchrun(two, command="finetune")
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 * abs(a[k]) for k in a), (a, b)

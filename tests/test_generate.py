@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import build, small_config
+from test_model import KNOBS
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -147,3 +148,41 @@ def test_sampling_params_are_checked_in_one_place(field, value):
 def test_top_k_zero_and_none_mean_no_limit():
     assert SamplingParams(top_k=0).top_k is None and SamplingParams(top_k=None).top_k is None
     assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+
+
+@pytest.mark.parametrize("knobs", KNOBS, ids=str)
+def test_batched_generation_equals_one_at_a_time_for_every_model_kind(knobs):
+    """Left padding must not show: not in positions (learned embeddings), not in the repetition penalty
+    (pads are id 0 here, a real token), not in attention."""
+    model = build(small_config(**knobs), seed=3)
+    prompts = [[5, 17, 300, 42, 9, 81, 7], [1000], [0, 66, 55, 44]]
+    for params in (
+        SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.3),
+        SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, seed=11),
+    ):
+        batched = run(model, prompts, params)
+        for row, prompt in enumerate(prompts):
+            assert torch.equal(batched[row], run(model, [prompt], params)[0]), (row, params)
+
+
+def test_learned_positions_refuse_to_generate_past_max_seq_len_with_a_clear_error():
+    from longboi.errors import UserError
+
+    model = build(small_config(alibi=False, learned_pos_emb=True, max_seq_len=32))
+    with pytest.raises(UserError, match="prompt of 30 tokens plus max_new_tokens 5 exceeds.*max_seq_len 32.*at most 2"):
+        run(model, [list(range(1, 31))], SamplingParams(max_new_tokens=5, temperature=0))
+    assert run(model, [list(range(1, 31))], SamplingParams(max_new_tokens=2, temperature=0)).shape == (1, 2)
+
+
+def test_generation_allocates_its_kv_cache_once(monkeypatch):
+    from longboi.model import KVCache
+
+    real, sizes = KVCache._grow, []
+
+    def counting(self, like, capacity):
+        sizes.append(capacity)
+        return real(self, like, capacity)
+
+    monkeypatch.setattr(KVCache, "_grow", counting)
+    run(build(small_config()), PROMPTS, SamplingParams(max_new_tokens=300, temperature=0))
+    assert sizes == [7 + 300]  # the longest prompt plus the new tokens, known up front

@@ -13,8 +13,9 @@ from transformers import MptConfig, MptForCausalLM
 
 from longboi.checkpoint import config_json, load_model, save_checkpoint
 from longboi.cli import main
+from longboi.config import hf_unsupported
 from longboi.errors import UserError
-from longboi.export.hf import export_hf, hf_unsupported
+from longboi.export.hf import export_hf
 from longboi.generate import SamplingParams, generate_ids
 from longboi.tokenizer import Tokenizer
 

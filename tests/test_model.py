@@ -218,3 +218,14 @@ def test_chunked_lm_loss_equals_cross_entropy_and_its_gradients(knobs, monkeypat
     assert torch.allclose(loss, expected, atol=1e-6)
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, reference[name], atol=1e-6), name
+
+
+def test_the_fused_loss_does_no_gradient_work_without_grad(monkeypatch):
+    """Under no_grad (validation) the loss is the same number, and the gradient pass never runs."""
+    model, ids = build(small_config()), ids_for(small_config(), length=33)
+    with_grad = model(ids[:, :-1], labels=ids[:, 1:])
+    calls = []
+    monkeypatch.setattr(model_mod.ChunkedLMLoss, "forward", lambda *a: calls.append(a))
+    with torch.no_grad():
+        without = model(ids[:, :-1], labels=ids[:, 1:])
+    assert not calls and torch.allclose(without, with_grad.detach(), atol=1e-6)

@@ -9,6 +9,7 @@ tokens are too). Masked tokens get label -100 and never reach the loss.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -206,6 +207,16 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return self.epoch_samples
+
+    def fingerprint(self) -> str:
+        """Identity of the rows (tokens, labels, documents) and the seed: resuming on other data is refused."""
+        h = hashlib.sha256(str(self.seed).encode())
+        for key in sorted(self.rows):
+            h.update(self.rows[key].numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> str:
+        return f"{self.epoch_samples} packed rows of {self.seq_len} tokens"
 
     def __getitem__(self, g: int) -> dict[str, torch.Tensor]:
         epoch, i = divmod(int(g), self.epoch_samples)

@@ -306,8 +306,17 @@ def prepare(
                     (chunkers[split] if layout == "chunks" else writers[split]).add(arr)
     if report.documents == 0:
         raise UserError(f"no documents found in {inputs} (empty input{', all skipped' if report.skipped else ''})")
+    _finish_splits(writers, chunkers if layout == "chunks" else None, tok, seq_len, report)
+    if remote:
+        _upload(local_out, out)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _finish_splits(writers: dict, chunkers: dict | None, tok: Tokenizer, seq_len: int, report: PrepareReport) -> None:
+    """Write each split's index; a split without a single sample is an error."""
     for split, writer in writers.items():
-        report.dropped_tail_tokens += len(chunkers[split].buffer) if layout == "chunks" else 0
+        report.dropped_tail_tokens += len(chunkers[split].buffer) if chunkers else 0
         index = writer.finish(tok.sha256(), tok.vocab_size, tok.eos_id)
         report.tokens[split], report.samples[split] = index.total_tokens, index.total_samples
         if index.total_samples == 0:
@@ -315,10 +324,6 @@ def prepare(
                 f"{split} split has no samples: the input has fewer than seq_len={seq_len} tokens "
                 f"(lower seq_len or val_fraction)"
             )
-    if remote:
-        _upload(local_out, out)
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _local_output(out: str) -> tuple[Path, bool]:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from longboi.generate import SamplingParams, generate_from_ids
-from longboi.model import KVCache, MPTForCausalLM
+from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 
 
@@ -109,12 +109,10 @@ def _full_sequences(model: MPTForCausalLM, requests: list[LLRequest]) -> list[LL
 def _shared_context(model: MPTForCausalLM, context: tuple[int, ...], continuations: list[tuple[int, ...]]):
     """One forward of the context; its KV cache, repeated per continuation, scores all continuations."""
     device = next(model.parameters()).device
-    cache = KVCache(model.config.n_layers)
-    ctx_logits = model(torch.tensor([context], device=device), cache=cache, logits_to_keep=1)[0, -1]  # (V,)
     n, width = len(continuations), max(len(c) for c in continuations)
-    assert cache.keys is not None and cache.values is not None
-    cache.keys = cache.keys.repeat(1, n, 1, 1, 1)  # (L, n, Hkv, cap, D)
-    cache.values = cache.values.repeat(1, n, 1, 1, 1)
+    cache = model.new_cache(len(context) + width)
+    ctx_logits = model(torch.tensor([context], device=device), cache=cache, logits_to_keep=1)[0, -1]  # (V,)
+    cache.repeat_rows(n)  # (L, n, Hkv, capacity, D): the context's keys/values for every continuation
     ids = torch.zeros(n, width, dtype=torch.long, device=device)
     for row, c in enumerate(continuations):
         ids[row, : len(c)] = torch.tensor(c)

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from longboi.checkpoint import load_model, save_checkpoint, unwrap
+from longboi.checkpoint import load_model, remove_stale, save_checkpoint, unwrap
 from longboi.config import to_mpt_dict
+from longboi.data.finetune import IGNORE
 from longboi.data.stream import StreamingDataset, StreamLoader
 from longboi.errors import UserError
 from longboi.generate import SamplingParams, generate
@@ -34,7 +35,7 @@ from longboi.lora import add_lora, is_lora, load_adapter, merge, save_adapter
 from longboi.model import MPTForCausalLM
 from longboi.plan import model_stats
 from longboi.tokenizer import Tokenizer
-from longboi.train import state as ckpt
+from longboi.train import checkpoint as ckpt
 from longboi.train.config import Duration, TrainConfig, parse_duration
 from longboi.train.monitor import Metrics
 from longboi.train.optim import build_optimizer, lr_multiplier, set_lr
@@ -165,12 +166,12 @@ def setup(cfg: TrainConfig) -> Run:
             raise UserError("LoRA is not supported with FSDP here (untested with peft); set parallel: ddp")
         model = add_lora(model, cfg.lora)
     data = _training_data(cfg, tok, d)
-    per_rank = cfg.global_batch_size // d.world_size
-    micro = cfg.micro_batch_size or find_micro_batch(model, data.seq_len, per_rank, cfg.precision, d)
-    workers = cfg.data.num_workers if cfg.data else 0
-    loader = StreamLoader(data, cfg.global_batch_size, micro, d.rank, d.world_size, workers)
     wrapped = parallelize(model, d, cfg.parallel, choice.bf16, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(wrapped, cfg.optimizer)
+    per_rank = cfg.global_batch_size // d.world_size
+    micro = cfg.micro_batch_size or find_micro_batch(wrapped, optimizer, data.seq_len, per_rank, choice.bf16, d)
+    workers = cfg.data.num_workers if cfg.data else 0
+    loader = StreamLoader(data, cfg.global_batch_size, micro, d.rank, d.world_size, workers)
     progress = _resume(cfg, run, wrapped, optimizer, loader, data, d)
     tokens_per_step = cfg.global_batch_size * data.seq_len
     clock = RunClock(cfg, tokens_per_step, len(data) / cfg.global_batch_size, progress.elapsed)
@@ -195,11 +196,22 @@ def setup(cfg: TrainConfig) -> Run:
 
 
 def _resume(cfg: TrainConfig, run: Path, wrapped, optimizer, loader: StreamLoader, data, d: Dist) -> Progress:
+    if d.is_main:  # no save is running yet: what a killed save left half-written can go
+        for stale in remove_stale(run / "checkpoints") + remove_stale(run):
+            print(f"note: removed {stale}, left by a save that was interrupted", file=sys.stderr)
+    barrier(d)
     torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ per rank; a resume restores the saved RNG
     latest = ckpt.checkpoints(run)[-1:] if cfg.checkpoint.autoresume else []
     if latest:
-        progress = Progress(**ckpt.load(latest[0], wrapped, optimizer, d)["progress"])
-        loader.load_state_dict({"consumed": progress.consumed, "seed": data.seed, "epoch_samples": len(data)})
+        saved = ckpt.load(latest[0], wrapped, optimizer, d)
+        progress = Progress(**saved["progress"])
+        try:
+            loader.load_state_dict(saved.get("data") or {**loader.state_dict(), "consumed": progress.consumed})
+        except UserError as e:
+            raise UserError(
+                f"{latest[0]}: {e}. To start fresh with this data, use a new run_dir, delete {run / 'checkpoints'}, "
+                "or set checkpoint.autoresume: false"
+            ) from e
         return progress
     if ckpt.checkpoints(run) and d.is_main:
         print(f"note: autoresume is off; {run} has checkpoints, starting from step 0 anyway", file=sys.stderr)
@@ -323,7 +335,13 @@ def _eval_estimate(r: Run, train_tok_s: float) -> float:
 def _save(r: Run) -> None:
     start = time.monotonic()
     ckpt.save(
-        r.dir, r.progress.step, r.wrapped, r.optimizer, _train_state(r.progress, r.cfg), r.d, r.cfg.checkpoint.keep
+        r.dir,
+        r.progress.step,
+        r.wrapped,
+        r.optimizer,
+        _train_state(r.progress, r.cfg, r.loader),
+        r.d,
+        r.cfg.checkpoint.keep,
     )
     r.save_s = time.monotonic() - start
 
@@ -364,24 +382,36 @@ def train_step(
     grad_clip: float | None,
     d: Dist,
 ) -> tuple[float, float]:
-    """Forward/backward over `accum` micro-batches; returns (mean loss over the global batch, grad norm)."""
+    """Forward/backward over `accum` micro-batches; returns (mean loss over the global batch, grad norm).
+
+    The loss is the exact mean over every target token of the global batch, whatever the micro-batch
+    size and world size: target tokens are counted first (finetuning masks a varying number per
+    row), then each micro-batch's mean is weighted by its share. Gradients are averaged over ranks
+    by DDP / FSDP, hence the world size in the weight.
+    """
+    micro = [_micro_batch(next(batches), d.device) for _ in range(accum)]
+    counts = [int((labels != IGNORE).sum()) for _, labels, _ in micro]
+    global_count = float(all_reduce_mean(torch.tensor(float(sum(counts))), d)) * d.world_size
     total = torch.zeros((), device=d.device)
-    for i in range(accum):
-        batch = next(batches)
-        if isinstance(batch, dict):  # finetuning: packed rows, labels already shifted and masked
-            inputs, labels, seq = (batch[k].to(d.device) for k in ("input_ids", "labels", "sequence_id"))
-        else:  # pretraining: fixed-length samples
-            batch = batch.to(d.device, non_blocking=True)
-            inputs, labels, seq = batch[:, :-1], batch[:, 1:], None
+    for i, ((inputs, labels, seq), count) in enumerate(zip(micro, counts)):
+        weight = count * d.world_size / max(global_count, 1.0)
         with _no_sync(model, last=i == accum - 1):
             with autocast:
                 loss = model(inputs, sequence_id=seq, labels=labels)  # fused, chunked LM head + cross-entropy
-            (loss / accum).backward()
-        total += loss.detach() / accum
+            (loss * weight).backward()
+        total += loss.detach() * weight
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2 returns a DTensor
         norm = norm.full_tensor()
     return float(all_reduce_mean(total, d)), float(norm)
+
+
+def _micro_batch(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, labels, sequence_id) on the device, for either kind of batch."""
+    if isinstance(batch, dict):  # finetuning: packed rows, labels already shifted and masked
+        return tuple(batch[k].to(device) for k in ("input_ids", "labels", "sequence_id"))  # type: ignore[return-value]
+    batch = batch.to(device, non_blocking=True)  # pretraining: fixed-length samples
+    return batch[:, :-1], batch[:, 1:], None
 
 
 @contextlib.contextmanager
@@ -611,9 +641,10 @@ def _check_data(data: StreamingDataset, tok: Tokenizer, cfg: TrainConfig) -> Non
         )
 
 
-def _train_state(progress: Progress, cfg: TrainConfig) -> dict:
+def _train_state(progress: Progress, cfg: TrainConfig, loader: StreamLoader) -> dict:
     return {
         "progress": dataclasses.asdict(progress),
+        "data": loader.state_dict() | {"consumed": progress.consumed},
         "model_config": to_mpt_dict(cfg.model),
         "tokenizer": str(Path(cfg.tokenizer).resolve()),
     }
@@ -626,31 +657,55 @@ def _write_run_config(run: Path, cfg: TrainConfig, micro: int, clock: RunClock) 
     (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
-def find_micro_batch(model: MPTForCausalLM, seq_len: int, per_rank: int, precision: str, d: Dist) -> int:
-    """The largest divisor of the per-rank batch whose forward/backward fits in memory (tried, halving)."""
+def find_micro_batch(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, seq_len: int, per_rank: int, bf16: bool, d: Dist
+) -> int:
+    """The largest divisor of the per-rank batch that fits in memory, tried largest first.
+
+    Probes what will run: the wrapped model (FSDP / DDP, activation checkpointing, compile) through
+    forward, backward and an optimizer step, so the optimizer's state is counted too. The step runs
+    at lr 0 (weights unchanged) and the state it created is dropped, so training starts as if no
+    probe had run.
+    """
     candidates = [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    for micro in candidates:
-        try:
-            ids = torch.randint(0, model.config.vocab_size, (micro, seq_len), device=d.device)
-            with autocast:
-                loss = model(ids[:, :-1], labels=ids[:, 1:])
-            loss.backward()
-            ok = 1.0
-        except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-            if not _is_oom(e):
-                raise
-            ok = 0.0
-        finally:
-            model.zero_grad(set_to_none=True)
-            loss = None
-            if d.device.type == "cuda":
-                torch.cuda.empty_cache()  # give a failed size's blocks back before trying the next
-        if float(all_reduce_mean(torch.tensor(ok), d)) == 1.0:  # every rank must fit
-            if d.is_main:
-                print(f"micro_batch_size: {micro} (largest that fits)", file=sys.stderr)
-            return micro
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
+    vocab = unwrap(model).config.vocab_size
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    try:
+        for micro in candidates:
+            if _fits(model, optimizer, autocast, vocab, micro, seq_len, d):
+                if d.is_main:
+                    print(f"micro_batch_size: {micro} (largest that fits)", file=sys.stderr)
+                return micro
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs):
+            group["lr"] = lr
+        optimizer.state.clear()
     raise UserError(f"even a micro batch of 1 x {seq_len} tokens does not fit in memory")
+
+
+def _fits(model, optimizer, autocast, vocab: int, micro: int, seq_len: int, d: Dist) -> bool:
+    """One probe step at this micro-batch size; every rank must fit."""
+    loss = None
+    try:
+        ids = torch.randint(0, vocab, (micro, seq_len), device=d.device)
+        with autocast:
+            loss = model(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        optimizer.step()
+        ok = 1.0
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        if not _is_oom(e):
+            raise
+        ok = 0.0
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del loss
+        if d.device.type == "cuda":
+            torch.cuda.empty_cache()  # give a failed size's blocks back before trying the next
+    return float(all_reduce_mean(torch.tensor(ok), d)) == 1.0
 
 
 def _is_oom(e: BaseException) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from longboi.checkpoint import save_checkpoint
+from longboi.checkpoint import publish, save_checkpoint
 from longboi.config import from_mpt_dict
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
@@ -59,9 +59,7 @@ def save(
     barrier(d)
     if d.is_main:
         (tmp / "train_state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
-        if final.exists():  # re-saving the same step (after a rollback): replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
+        publish(tmp, final)  # atomic, also when re-saving the same step (after a rollback)
         for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
