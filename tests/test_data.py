@@ -290,7 +290,12 @@ def test_prepare_to_s3_and_stream_with_a_cold_cache(s3_shakespeare, shakespeare,
 
 READER = """
 import os, sys, torch
-from longboi.data.stream import CacheConfig, StreamingDataset
+from longboi.data.stream import CacheConfig, ShardCache, StreamingDataset
+real = ShardCache._download
+def logged(self, src, path, size, sha256):  # every real download, for the test to count
+    print("download", path.name, file=sys.stderr, flush=True)
+    return real(self, src, path, size, sha256)
+ShardCache._download = logged
 ds = StreamingDataset(sys.argv[1], seed=2, cache=CacheConfig(dir=sys.argv[2], limit_gb=1.0))
 total = sum(int(ds[g]["input_ids"].sum()) for g in range(0, len(ds), 7))
 print(total)
@@ -301,14 +306,20 @@ def test_concurrent_readers_share_one_cache(s3_shakespeare, shakespeare, tmp_pat
     url = "s3://longboi-test/shakespeare/train"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", READER, url, str(tmp_path / "shared-cache")], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", READER, url, str(tmp_path / "shared-cache")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for _ in range(3)
     ]
-    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    results = [p.communicate(timeout=300) for p in procs]
     local = StreamingDataset(str(shakespeare / "train"), seed=2)
     expected = str(sum(int(local[g]["input_ids"].sum()) for g in range(0, len(local), 7)))
-    assert outs == [expected] * 3
+    assert [out.strip() for out, _ in results] == [expected] * 3
+    downloads = [line.split()[1] for _, err in results for line in err.splitlines() if line.startswith("download ")]
+    shards = {sh.file for sh in local.data[0].index.shards}
+    assert sorted(downloads) == sorted(shards)  # each shard fetched once, by one of the three processes
     assert not [p for p in (tmp_path / "shared-cache").rglob("*") if ".tmp-" in p.name]
 
 
@@ -336,14 +347,18 @@ def test_a_bad_remote_shard_is_retried_then_reported(s3_shakespeare, tmp_path):
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.copy("longboi-test/shakespeare/train", "longboi-test/broken/train", recursive=True)
-    fs.pipe("longboi-test/broken/train/shard-00000.bin", b"\0" * 52_428)  # right size, wrong bytes
+    real = bytearray(fs.cat("longboi-test/broken/train/shard-00000.bin"))
+    real[100] ^= 0xFF  # the right size, one wrong byte: only the sha256 can tell
+    fs.pipe("longboi-test/broken/train/shard-00000.bin", bytes(real))
     ds = StreamingDataset(
         "s3://longboi-test/broken/train",
         shuffle=False,
         cache=CacheConfig(dir=str(tmp_path / "c"), retries=2, prefetch_shards=0),
     )
     start = time.perf_counter()
-    with pytest.raises(UserError, match=r"could not download .*shard-00000.bin after 2 attempts.*checksum"):
+    with pytest.raises(
+        UserError, match=r"could not download .*shard-00000.bin after 2 attempts.*sha256 does not match"
+    ):
         ds[0]
     assert time.perf_counter() - start >= 0.5  # it backed off before the second attempt
     assert not list((tmp_path / "c").rglob("shard-00000.bin"))  # nothing unverified entered the cache

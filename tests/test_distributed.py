@@ -7,7 +7,7 @@ import time
 
 import pytest
 import yaml
-from test_train import run_config, train_losses
+from test_train import assert_resumed, run_config, train_losses
 
 from longboi.cli import main
 
@@ -76,6 +76,7 @@ def test_fsdp_save_on_two_processes_resumes_on_one(tmp_path, data, single):
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
     proc.wait()
     assert main(["train", str(cfg)]) == 0  # one process, no flags: resumes the 2-rank checkpoint
+    assert_resumed(tmp_path / "run", from_at_least=4)
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 7))
     assert all(abs(losses[k] - single[k]) < 1e-4 * max(1.0, abs(single[k])) for k in single), (losses, single)

@@ -319,3 +319,25 @@ def test_perplexity_past_the_trained_length(tmp_path, model, tok, capsys):
         == 0
     )
     assert "bits/byte" in capsys.readouterr().out
+
+
+def test_perplexity_equals_a_hand_computation(model, tok):
+    """Each target j is scored once, given the tokens of the first window that contains it."""
+    from longboi.eval.perplexity import perplexity
+
+    text = (SHARED / "text" / "tinystories_sample.txt").read_text()
+    tokens = torch.tensor(tok.encode(text)[:150]).numpy()
+    for seq_len, stride in ((40, 39), (40, 13), (400, None)):
+        step = stride or seq_len - 1
+        nats = 0.0
+        with torch.no_grad():
+            for j in range(1, len(tokens)):
+                start = max(0, math.ceil((j - seq_len + 1) / step)) * step
+                context = torch.from_numpy(tokens[start:j].astype("int64"))[None]
+                nats -= float(model(context)[0, -1].float().log_softmax(-1)[int(tokens[j])])
+        r = perplexity(model, tok, tokens, seq_len=seq_len, stride=stride, progress=False)
+        n_bytes = len(tok.decode(tokens[1:].tolist(), skip_special_tokens=False).encode())
+        assert r.tokens == len(tokens) - 1
+        assert r.loss == pytest.approx(nats / r.tokens, rel=1e-5)
+        assert r.perplexity == pytest.approx(math.exp(nats / r.tokens), rel=1e-5)
+        assert r.bits_per_byte == pytest.approx(nats / math.log(2) / n_bytes, rel=1e-5)

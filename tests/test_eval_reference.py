@@ -4,9 +4,12 @@ The model is exported to HF format and loaded by lm-eval's HFLM; both score the 
 continuation) pairs and generate greedily from the same prompts.
 """
 
+import dataclasses
 import os
 
+import lm_eval  # noqa: F401 - a plain import: a broken install must fail here, not skip
 import pytest
+import torch
 from conftest import SHARED, build, small_config
 
 from longboi.checkpoint import save_checkpoint
@@ -14,7 +17,6 @@ from longboi.eval.engine import greedy_generate, loglikelihoods
 from longboi.eval.tasks import TaskBuilder, TaskConfig, read_rows
 from longboi.tokenizer import Tokenizer
 
-lm_eval = pytest.importorskip("lm_eval")
 FIXTURES = SHARED / "eval" / "tests_local_data"
 
 
@@ -42,11 +44,24 @@ def requests(tok):
     return out
 
 
+def greedy_requests(model, reqs, n: int = 6):
+    """Requests the model is greedy on by construction: each continuation is its own argmax tokens."""
+    out = []
+    for r in reqs[:n]:
+        ids, cont = list(r.context), []
+        with torch.no_grad():
+            for _ in range(1 + len(out) % 3):  # 1 to 3 tokens
+                cont.append(int(model(torch.tensor([ids + cont]), logits_to_keep=1)[0, -1].argmax()))
+        out.append(dataclasses.replace(r, continuation=tuple(cont)))
+    return out
+
+
 def test_loglikelihoods_and_greedy_flags_match_lm_eval(pair):
     from lm_eval.api.instance import Instance
 
     model, tok, lm = pair
     reqs = requests(tok)
+    reqs += greedy_requests(model, reqs)
     ours = loglikelihoods(model, reqs, max_seq_len=512)
     texts = [
         (tok.decode(r.context, skip_special_tokens=False), tok.decode(r.continuation, skip_special_tokens=False))
@@ -59,6 +74,8 @@ def test_loglikelihoods_and_greedy_flags_match_lm_eval(pair):
     for r, (lp, greedy), req in zip(ours, theirs, reqs):
         assert abs(r.logprob - lp) <= 1e-4, (r.logprob, lp, req)
         assert r.greedy == bool(greedy)
+    flags = [r.greedy for r in ours]
+    assert any(flags) and not all(flags)  # both answers occur, so the comparison can fail either way
 
 
 def test_greedy_generation_matches_lm_eval(pair):
@@ -70,15 +87,18 @@ def test_greedy_generation_matches_lm_eval(pair):
         label="t", dataset_uri="t", icl_task_type="generation_task_with_answers", continuation_delimiter="\nAnswer:"
     )
     prompts = [e.prompt for e in TaskBuilder(cfg, tok, rows, 1).examples()]
-    ours = greedy_generate(model, tok, prompts, ["\n\n"], max_new_tokens=12, max_seq_len=512)
+    unstopped = greedy_generate(model, tok, prompts, [], max_new_tokens=12, max_seq_len=512)
+    stop = next(t[3:5] for t in unstopped if len(t.strip()) > 6)  # text this model really generates
+    ours = greedy_generate(model, tok, prompts, [stop], max_new_tokens=12, max_seq_len=512)
     args = [
-        (tok.decode(p, skip_special_tokens=False), {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False})
+        (tok.decode(p, skip_special_tokens=False), {"until": [stop], "max_gen_toks": 12, "do_sample": False})
         for p in prompts
     ]
     theirs = lm.generate_until(
         [Instance(request_type="generate_until", doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
     )
     assert ours == theirs
+    assert any(len(a) < len(b) for a, b in zip(ours, unstopped))  # the stop string fired
 
 
 def test_encoding_agrees_for_the_compared_requests(pair):

@@ -132,26 +132,21 @@ def test_hf_saved_directory_converts_to_longboi_including_pickle(tmp_path, token
         MptConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=50432, attn_config={"clip_qkv": 1.0})
     ).eval()
     theirs.save_pretrained(tmp_path / "hf_st")
-    theirs.save_pretrained(tmp_path / "hf_bin", safe_serialization=False) if _supports_pickle_save() else None
+    theirs.save_pretrained(tmp_path / "hf_bin")  # then the same weights in the older pickle format, which
+    (tmp_path / "hf_bin" / "model.safetensors").unlink()  # transformers 5 no longer writes itself
+    torch.save(theirs.state_dict(), tmp_path / "hf_bin" / "pytorch_model.bin")
     ids = ids_batch()
     with torch.no_grad():
         ref = theirs(ids).logits
     assert main(["convert", str(tmp_path / "hf_st"), "--to", "longboi", str(tmp_path / "ours")]) == 0
     with torch.no_grad():
         assert (load_model(tmp_path / "ours")(ids) - ref).abs().max() <= 1e-4
-    if (tmp_path / "hf_bin").exists():
-        assert main(["convert", str(tmp_path / "hf_bin"), "--to", "longboi", str(tmp_path / "o2")]) == 2
-        assert "--allow-pickle" in capsys.readouterr().err
-        with pytest.warns(UserWarning, match="pickled"):
-            main(["convert", str(tmp_path / "hf_bin"), "--to", "longboi", str(tmp_path / "o2"), "--allow-pickle"])
-        with torch.no_grad():
-            assert (load_model(tmp_path / "o2")(ids) - ref).abs().max() <= 1e-4
-
-
-def _supports_pickle_save() -> bool:
-    import inspect
-
-    return "safe_serialization" in inspect.signature(MptForCausalLM.save_pretrained).parameters
+    assert main(["convert", str(tmp_path / "hf_bin"), "--to", "longboi", str(tmp_path / "o2")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="pickled"):
+        main(["convert", str(tmp_path / "hf_bin"), "--to", "longboi", str(tmp_path / "o2"), "--allow-pickle"])
+    with torch.no_grad():
+        assert (load_model(tmp_path / "o2")(ids) - ref).abs().max() <= 1e-4
 
 
 def test_sharded_hf_checkpoint_loads(tmp_path):

@@ -275,6 +275,19 @@ def test_kill_9_and_autoresume_is_bit_identical(tmp_path, data):
     b = load_file(str(tmp_path / "crashed" / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "crashed")
+    assert_resumed(tmp_path / "crashed", from_at_least=6)
+
+
+def assert_resumed(run_dir: Path, from_at_least: int) -> None:
+    """The rerun loaded a checkpoint (a restart from step 0 with the same seed would match just as well)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    marks = [i for i, r in enumerate(rows) if r["kind"] == "resume"]
+    assert len(marks) == 1, "the rerun did not resume"
+    step = rows[marks[0]]["step"]
+    assert step >= from_at_least and rows[marks[0]]["checkpoint"] == f"step-{step:08d}"
+    after = [r["step"] for r in rows[marks[0] :] if r["kind"] == "train"]
+    assert after and after[0] == step + 1  # it went on from there, not from step 1
+    assert sum(1 for r in rows if r["kind"] == "train" and r["step"] == 1) == 1
 
 
 def test_nan_is_skipped_and_the_run_finishes(tmp_path, data, monkeypatch):
@@ -435,6 +448,7 @@ def test_finetune_resumes_bit_identically_after_kill_9(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = train_losses(tmp_path / "straight" / "run")
     assert losses == train_losses(tmp_path / "crashed" / "run") and losses[8] < losses[1]
+    assert_resumed(tmp_path / "crashed" / "run", from_at_least=4)
 
 
 def test_loss_and_gradients_are_the_global_token_mean_whatever_the_micro_batch():
@@ -502,3 +516,44 @@ def test_each_mixing_window_is_planned_once_not_per_sample(data, monkeypatch):
     monkeypatch.setattr(stream, "_rng", counting)
     located = [ds.locate(g) for g in range(3000)]
     assert len(shuffles) == 1 and len({s for s, _ in located}) == 2  # one window, both sources drawn
+
+
+def test_keep_last_k_checkpoints(tmp_path, data):
+    cfg = run_config(data, tmp_path / "run", max_duration="6ba", **{"checkpoint.every": "1ba", "checkpoint.keep": 2})
+    train(config_from_dict({**cfg, "eval": {"every": "0ba"}}, "x"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005", "step-00000006"]
+
+
+def test_a_30min_checkpoint_interval_follows_the_clock(tmp_path, data):
+    now = {"t": 1000.0}
+    cfg = config_from_dict(run_config(data, tmp_path / "r"), "x")
+    clock = loop.RunClock(cfg, tokens_per_step=128, steps_per_epoch=100)
+    clock.now = lambda: now["t"]
+    every, d = parse_duration("30min"), loop.Dist()
+    assert every.is_time and every.seconds == 1800
+    now["t"] = 1000.0 + 1799.9
+    assert not clock.due(every, step=7, since=1000.0, d=d)
+    now["t"] = 1000.0 + 1800.0
+    assert clock.due(every, step=8, since=1000.0, d=d)
+
+
+MEASURE_LOSS_MEMORY = """
+import resource, sys, torch
+from longboi.config import ModelConfig
+from longboi.model import MPTForCausalLM
+torch.manual_seed(0)
+model = MPTForCausalLM(ModelConfig(d_model=64, n_heads=4, n_layers=2, max_seq_len=512, vocab_size=50432))
+ids = torch.randint(0, 50000, (8, 513))
+model(ids[:1, :-1], labels=ids[:1, 1:]).backward()  # warm up allocator and kernels
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model(ids[:, :-1], labels=ids[:, 1:]).backward()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_training_never_materializes_the_logits():
+    """8 x 512 tokens x 50,432 vocab: the fp32 logits alone would be 826 MB; peak memory grows far less."""
+    out = subprocess.run([sys.executable, "-c", MEASURE_LOSS_MEMORY], capture_output=True, text=True, check=True)
+    grew = int(out.stdout.strip())
+    logits_bytes = 8 * 512 * 50432 * 4
+    assert grew < logits_bytes / 3, f"peak memory grew {grew / 2**20:.0f} MiB (logits: {logits_bytes / 2**20:.0f} MiB)"

@@ -111,8 +111,10 @@ class ShardCache:
                     while block := remote.read(1 << 22):
                         local.write(block)
                 got = tmp.stat().st_size
-                if got != size or (sha256 is not None and sha256_file(tmp) != sha256):
-                    raise OSError(f"downloaded {src}: {got} bytes / checksum does not match index.json")
+                if got != size:
+                    raise OSError(f"downloaded {src}: {got} bytes, index.json says {size}")
+                if sha256 is not None and sha256_file(tmp) != sha256:
+                    raise OSError(f"downloaded {src}: its sha256 does not match index.json")
                 os.replace(tmp, path)
                 return
             except (OSError, TimeoutError) as e:  # transient network errors: back off and retry

@@ -91,10 +91,11 @@ class RunClock:
         else:  # seconds
             self.warmup = warmup.value * self.budget_s if warmup.unit == "dur" else warmup.seconds
         self.tokens_per_step, self.steps_per_epoch = tokens_per_step, steps_per_epoch
-        self.start, self.reserve_s = time.monotonic() - elapsed, 0.0
+        self.now = time.monotonic  # replaceable, for tests of wall-clock behaviour
+        self.start, self.reserve_s = self.now() - elapsed, 0.0
 
     def elapsed(self) -> float:
-        return time.monotonic() - self.start
+        return self.now() - self.start
 
     def lr_multiplier(self, step: int, schedule) -> float:
         if self.budget_s is None:
@@ -115,7 +116,7 @@ class RunClock:
         """Is a periodic action (eval, checkpoint) due at this step? `since`: when it last ran."""
         if every.is_time or (every.unit == "dur" and self.budget_s is not None):
             seconds = every.seconds if every.is_time else every.value * (self.budget_s or 0)
-            flag = torch.tensor(float(seconds > 0 and time.monotonic() - since >= seconds), device=d.device)
+            flag = torch.tensor(float(seconds > 0 and self.now() - since >= seconds), device=d.device)
             return bool(all_reduce_mean(flag, d) > 0)  # clocks differ per rank: all act when any is due
         n = every.steps(self.tokens_per_step, self.steps_per_epoch, self.total)
         return n > 0 and step % n == 0
@@ -172,11 +173,16 @@ def setup(cfg: TrainConfig) -> Run:
     micro = cfg.micro_batch_size or find_micro_batch(wrapped, optimizer, data.seq_len, per_rank, choice.bf16, d)
     workers = cfg.data.num_workers if cfg.data else 0
     loader = StreamLoader(data, cfg.global_batch_size, micro, d.rank, d.world_size, workers)
-    progress = _resume(cfg, run, wrapped, optimizer, loader, data, d)
+    progress, resumed = _resume(cfg, run, wrapped, optimizer, loader, data, d)
     tokens_per_step = cfg.global_batch_size * data.seq_len
     clock = RunClock(cfg, tokens_per_step, len(data) / cfg.global_batch_size, progress.elapsed)
+    metrics = Metrics(run, d.is_main, cfg.log.tensorboard, cfg.log.wandb, dataclasses.asdict(cfg))
     if d.is_main:
         _write_run_config(run, cfg, micro, clock)
+    if resumed is not None:
+        metrics.log("resume", progress.step, checkpoint=resumed.name, consumed=progress.consumed)
+        if d.is_main:
+            print(f"resumed from {resumed} (step {progress.step})", file=sys.stderr)
     return Run(
         cfg=cfg,
         d=d,
@@ -188,14 +194,17 @@ def setup(cfg: TrainConfig) -> Run:
         loader=loader,
         clock=clock,
         progress=progress,
-        metrics=Metrics(run, d.is_main, cfg.log.tensorboard, cfg.log.wandb, dataclasses.asdict(cfg)),
+        metrics=metrics,
         mfu=MFU(d.device, choice.bf16, cfg.log.peak_flops, d.world_size),
         autocast=torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=choice.bf16),
         flops_per_token=model_stats(cfg.model, data.seq_len).train_flops_per_token,
     )
 
 
-def _resume(cfg: TrainConfig, run: Path, wrapped, optimizer, loader: StreamLoader, data, d: Dist) -> Progress:
+def _resume(
+    cfg: TrainConfig, run: Path, wrapped, optimizer, loader: StreamLoader, data, d: Dist
+) -> tuple[Progress, Path | None]:
+    """The newest checkpoint restored (model, optimizer, data position, RNG), or a fresh start."""
     if d.is_main:  # no save is running yet: what a killed save left half-written can go
         for stale in remove_stale(run / "checkpoints") + remove_stale(run):
             print(f"note: removed {stale}, left by a save that was interrupted", file=sys.stderr)
@@ -212,10 +221,10 @@ def _resume(cfg: TrainConfig, run: Path, wrapped, optimizer, loader: StreamLoade
                 f"{latest[0]}: {e}. To start fresh with this data, use a new run_dir, delete {run / 'checkpoints'}, "
                 "or set checkpoint.autoresume: false"
             ) from e
-        return progress
+        return progress, latest[0]
     if ckpt.checkpoints(run) and d.is_main:
         print(f"note: autoresume is off; {run} has checkpoints, starting from step 0 anyway", file=sys.stderr)
-    return Progress()
+    return Progress(), None
 
 
 def run_loop(r: Run) -> tuple[float | None, dict]:
