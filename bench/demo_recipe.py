@@ -26,14 +26,15 @@ RECIPE = ROOT / "configs" / "pretrain" / "tiny-shakespeare.yaml"
 
 # name: (vocab, d_model, n_heads, n_layers, global batch, lr, extra overrides)
 CANDIDATES = {
-    "v4k-d384L6-b16": (4096, 384, 6, 6, 16, 2e-3, []),
+    "v4k-d384L6-b16": (4096, 384, 6, 6, 16, 2e-3, []),  # the earlier demo model, in fp32
     "v4k-d256L6-b16": (4096, 256, 4, 6, 16, 3e-3, []),
-    "v4k-d256L4-b16": (4096, 256, 4, 4, 16, 3e-3, []),
-    "v4k-d384L6-b8": (4096, 384, 6, 6, 8, 1.5e-3, []),
     "v4k-d256L6-b8": (4096, 256, 4, 6, 8, 2e-3, []),
+    "v4k-d256L6-b8-drop": (4096, 256, 4, 6, 8, 2e-3, ["--model.resid_pdrop=0.1", "--model.emb_pdrop=0.1"]),
+    "v4k-d256L6-b4": (4096, 256, 4, 6, 4, 1.5e-3, []),
+    "v4k-d256L8-b8": (4096, 256, 4, 8, 8, 2e-3, []),
+    "v4k-d320L6-b8": (4096, 320, 5, 6, 8, 2e-3, []),
     "v2k-d256L6-b8": (2048, 256, 4, 6, 8, 2e-3, []),
-    "v4k-d320L8-b8": (4096, 320, 5, 8, 8, 1.5e-3, []),
-    "v4k-d256L6-b8-drop": (4096, 256, 4, 6, 8, 2e-3, ["--model.resid_pdrop", "0.1", "--model.emb_pdrop", "0.1"]),
+    "v4k-d256L4-b8": (4096, 256, 4, 4, 8, 2e-3, []),
 }
 
 

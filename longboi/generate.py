@@ -85,11 +85,15 @@ def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParam
     return logits
 
 
-def pick(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) token ids."""
+def pick(logits: torch.Tensor, p: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids. With a seed, each row draws from its own generator,
+    so a row samples the same tokens alone or in any batch."""
     if p.temperature == 0:
         return logits.argmax(dim=-1)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+    probs = logits.softmax(dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +130,7 @@ def generate_ids(
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
     first = ids.gather(1, mask.argmax(dim=1, keepdim=True))  # (B, 1) each row's first real token
-    generator = torch.Generator(device).manual_seed(params.seed) if params.seed is not None else None
+    generators = None if params.seed is None else [torch.Generator(device).manual_seed(params.seed) for _ in prompts]
     cache = model.new_cache(ids.shape[1] + params.max_new_tokens) if use_cache else None
     logits = _prefill(model, ids, mask, cache)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
@@ -134,7 +138,7 @@ def generate_ids(
         if valid_vocab is not None:
             logits[:, valid_vocab:] = float("-inf")
         context = torch.where(mask.bool(), ids, first)  # pads stand in as a real token: never penalized
-        token = pick(process_logits(logits, context, params), params, generator)
+        token = pick(process_logits(logits, context, params), params, generators)
         if eos_id is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id

@@ -1,9 +1,11 @@
 """Distributed training on CPU: gloo backend, 2 processes under torchrun (the twin of NCCL on GPUs)."""
 
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -27,6 +29,12 @@ def torchrun(config, nproc=2, command="train", **popen):
         str(config),
     ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (from /proc), collected before any is killed."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid] + [p for child in children for p in process_tree(int(child))]
 
 
 def write(tmp_path, name, cfg):
@@ -66,14 +74,13 @@ def test_fsdp_save_on_two_processes_resumes_on_one(tmp_path, data, single):
     cfg = write(
         tmp_path, "fsdp", run_config(data, tmp_path / "run", parallel="fsdp", **KNOBS, **{"checkpoint.every": "2ba"})
     )
-    proc = torchrun(cfg, start_new_session=True)
+    proc = torchrun(cfg)
     deadline = time.time() + 300
     while not (tmp_path / "run" / "checkpoints" / "step-00000004").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.05)
-    import os
-
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    for pid in process_tree(proc.pid):  # the launcher and both ranks (torchrun starts each in its own session)
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
     assert main(["train", str(cfg)]) == 0  # one process, no flags: resumes the 2-rank checkpoint
     assert_resumed(tmp_path / "run", from_at_least=4)

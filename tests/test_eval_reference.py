@@ -44,15 +44,19 @@ def requests(tok):
     return out
 
 
-def greedy_requests(model, reqs, n: int = 6):
-    """Requests the model is greedy on by construction: each continuation is its own argmax tokens."""
+def greedy_requests(model, tok, lm, reqs):
+    """Requests the model is greedy on by construction (each continuation is its own argmax tokens),
+    kept where lm-eval's tokenization of the texts gives back exactly those tokens."""
     out = []
-    for r in reqs[:n]:
+    for i, r in enumerate(reqs[:30]):
         ids, cont = list(r.context), []
         with torch.no_grad():
-            for _ in range(1 + len(out) % 3):  # 1 to 3 tokens
+            for _ in range(1 + i % 3):  # 1 to 3 tokens
                 cont.append(int(model(torch.tensor([ids + cont]), logits_to_keep=1)[0, -1].argmax()))
-        out.append(dataclasses.replace(r, continuation=tuple(cont)))
+        texts = (tok.decode(r.context, skip_special_tokens=False), tok.decode(cont, skip_special_tokens=False))
+        if tuple(lm._encode_pair(*texts)[1]) == tuple(cont):
+            out.append(dataclasses.replace(r, continuation=tuple(cont)))
+    assert len(out) >= 3
     return out
 
 
@@ -61,7 +65,7 @@ def test_loglikelihoods_and_greedy_flags_match_lm_eval(pair):
 
     model, tok, lm = pair
     reqs = requests(tok)
-    reqs += greedy_requests(model, reqs)
+    reqs += greedy_requests(model, tok, lm, reqs)
     ours = loglikelihoods(model, reqs, max_seq_len=512)
     texts = [
         (tok.decode(r.context, skip_special_tokens=False), tok.decode(r.continuation, skip_special_tokens=False))

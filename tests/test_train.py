@@ -478,7 +478,7 @@ def test_loss_and_gradients_are_the_global_token_mean_whatever_the_micro_batch()
         loss, _ = loop.train_step(model, None, iter(rows), 4 // micro, nullcontext(), None, Dist())
         assert loss == pytest.approx(expected.item(), rel=1e-6)
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), (micro, name)
+            assert (p.grad - q.grad).norm() <= 1e-5 * q.grad.norm(), (micro, name)  # fp32 summation order
 
 
 def test_resuming_on_changed_data_is_refused_with_how_to_start_fresh(tmp_path, data):
