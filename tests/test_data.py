@@ -362,3 +362,20 @@ def test_a_bad_remote_shard_is_retried_then_reported(s3_shakespeare, tmp_path):
         ds[0]
     assert time.perf_counter() - start >= 0.5  # it backed off before the second attempt
     assert not list((tmp_path / "c").rglob("shard-00000.bin"))  # nothing unverified entered the cache
+
+
+def test_vocabularies_past_65536_ids_get_uint32_shards(tmp_path, tokenizer_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    big = HFTokenizer.from_file(str(tokenizer_path))
+    big.add_tokens([f"<extra_{i}>" for i in range(16_000)])  # 50,277 + 16,000 ids: past uint16
+    big.save(str(tmp_path / "big.json"))
+    tok = Tokenizer(tmp_path / "big.json")
+    assert tok.vocab_size == 66_277
+    (tmp_path / "in.txt").write_text(("To be <extra_15999> or not <extra_0> to be. " * 50).strip())
+    prepare([str(tmp_path / "in.txt")], str(tmp_path / "out"), str(tmp_path / "big.json"), seq_len=16)
+    index = json.loads((tmp_path / "out" / "train" / "index.json").read_text())
+    assert index["dtype"] == "uint32"
+    ds = StreamingDataset(str(tmp_path / "out" / "train"), shuffle=False)
+    ids = torch.cat([ds[g]["input_ids"] for g in range(len(ds))]).tolist()
+    assert 66_276 in ids and max(ids) == 66_276  # read back unclipped, not wrapped modulo 2^16

@@ -134,3 +134,18 @@ def test_finetune_loss_is_the_token_mean_on_two_ranks_with_micro_1_as_with_one_p
     assert proc.returncode == 0, err[-3000:]
     a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-5 * abs(a[k]) for k in a), (a, b)
+
+
+def test_lora_with_fsdp_is_refused_with_a_clear_error(tmp_path):
+    from conftest import TOKENIZER, build, finetune_run, small_config
+
+    from longboi.checkpoint import save_checkpoint
+    from longboi.tokenizer import Tokenizer
+
+    base = tmp_path / "base"
+    save_checkpoint(build(small_config(max_seq_len=64)), base, Tokenizer(TOKENIZER))
+    cfg = {**finetune_run(base, lora={"r": 4}, parallel="fsdp"), "run_dir": str(tmp_path / "run")}
+    proc = torchrun(write(tmp_path, "lora-fsdp", cfg), command="finetune")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "error: LoRA is not supported with FSDP here (untested with peft); set parallel: ddp" in err

@@ -557,3 +557,41 @@ def test_training_never_materializes_the_logits():
     grew = int(out.stdout.strip())
     logits_bytes = 8 * 512 * 50432 * 4
     assert grew < logits_bytes / 3, f"peak memory grew {grew / 2**20:.0f} MiB (logits: {logits_bytes / 2**20:.0f} MiB)"
+
+
+def test_long_context_finetune_beats_the_base_past_its_length(tmp_path):
+    """bench/long_context.py scaled down: a base trained at 32 tokens, finetuned at 128 (4x) on the same
+    text, scores held-out text better than the base at 4x and 16x its trained length."""
+    from longboi.cli import perplexity
+    from longboi.data.prepare import prepare
+    from longboi.tokenizer import train_bpe
+
+    text = str(SHARED / "text" / "tinyshakespeare.txt")
+    tok = train_bpe([text], 512, tmp_path / "tok.json", holdout_fraction=0.1)
+    for seq in (33, 129):
+        prepare([text], str(tmp_path / f"d{seq}"), str(tok.path), seq_len=seq, val_fraction=0.1)
+
+    def run(name: str, seq_len: int, steps: int, batch: int, lr: float, **more) -> Path:
+        cfg = {
+            "run_dir": str(tmp_path / name),
+            "model": {"preset": "tiny", "d_model": 64, "n_heads": 4, "n_layers": 2, "vocab_size": 512,
+                      "max_seq_len": seq_len},
+            "tokenizer": str(tok.path),
+            "data": {"sources": [str(tmp_path / f"d{seq_len + 1}" / "train")]},
+            "max_duration": f"{steps}ba",
+            "global_batch_size": batch,
+            "precision": "fp32",
+            "optimizer": {"lr": lr},
+            "log": {"progress": False},
+            "eval": {"every": "0ba"},
+            **more,
+        }  # fmt: skip
+        return train(config_from_dict(cfg, name)).final
+
+    base = run("base", 32, steps=60, batch=8, lr=3e-3)
+    tuned = run("long", 128, steps=30, batch=2, lr=1e-3, init_from=str(base))
+    held_out = str(tmp_path / "d33" / "val")
+    for seq_len in (128, 512):
+        before = perplexity(str(base), held_out, seq_len=seq_len, dtype="fp32")["perplexity"]
+        after = perplexity(str(tuned), held_out, seq_len=seq_len, dtype="fp32")["perplexity"]
+        assert after < before, (seq_len, before, after)
