@@ -25,6 +25,9 @@ ATTN_CHUNK_BYTES = 64 * 2**20
 # A forward's bias chunks are built once and shared by every layer when they total at most this;
 # longer contexts rebuild each chunk per layer instead of holding a (T x T) bias.
 BIAS_CACHE_BYTES = 256 * 2**20
+# GPUs have the memory for 16x both, so training up to mpt-7b's 32 heads x 4,096 tokens makes one
+# SDPA call per layer on a bias built once per forward.
+GPU_BIAS_SCALE = 16
 # Token rows per chunk of the fused LM-head loss: (rows x vocab) fp32 logits live at once.
 LOSS_CHUNK_ROWS = 1024
 
@@ -173,7 +176,8 @@ class AttentionMask:
     def row_chunks(self, dtype_bytes: int = 4) -> list[tuple[int, int]]:
         """Query-row ranges whose bias fits in ATTN_CHUNK_BYTES (sized by the bias's real batch and heads)."""
         batch, heads = self.bias_shape()
-        rows = max(1, ATTN_CHUNK_BYTES // (dtype_bytes * batch * heads * self.k_len))
+        budget = ATTN_CHUNK_BYTES * (GPU_BIAS_SCALE if self.key_pos.is_cuda else 1)
+        rows = max(1, budget // (dtype_bytes * batch * heads * self.k_len))
         return [(s, min(s + rows, self.q_len)) for s in range(0, self.q_len, rows)]
 
     def bias_chunks(self, dtype: torch.dtype):
@@ -184,7 +188,9 @@ class AttentionMask:
             return
         batch, heads = self.bias_shape()
         size = torch.finfo(dtype).bits // 8
-        keep = batch * heads * self.q_len * self.k_len * size <= BIAS_CACHE_BYTES
+        keep = batch * heads * self.q_len * self.k_len * size <= BIAS_CACHE_BYTES * (
+            GPU_BIAS_SCALE if self.key_pos.is_cuda else 1
+        )
         built = []
         for start, end in self.row_chunks(size):
             chunk = (start, end, self.bias(start, end).to(dtype))

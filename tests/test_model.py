@@ -229,3 +229,18 @@ def test_the_fused_loss_does_no_gradient_work_without_grad(monkeypatch):
     with torch.no_grad():
         without = model(ids[:, :-1], labels=ids[:, 1:])
     assert not calls and torch.allclose(without, with_grad.detach(), atol=1e-6)
+
+
+def test_the_attention_bias_is_built_once_per_forward_and_shared_by_the_layers(monkeypatch):
+    model = build(small_config(n_layers=4))
+    ids = ids_for(small_config(), length=40)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # padding: the explicit-bias path
+    built = []
+    real = model_mod.AttentionMask.bias
+    monkeypatch.setattr(model_mod.AttentionMask, "bias", lambda self, s, e: built.append((s, e)) or real(self, s, e))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert built == [(0, 40)]  # one chunk, once, for all 4 layers
+    m = model_mod.AttentionMask(40, 40, alibi_slopes(4), torch.device("cpu"))
+    assert m.bias_shape() == (1, 4)  # no padding or packing: the bias does not vary over the batch
