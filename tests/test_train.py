@@ -595,3 +595,16 @@ def test_long_context_finetune_beats_the_base_past_its_length(tmp_path):
         before = perplexity(str(base), held_out, seq_len=seq_len, dtype="fp32")["perplexity"]
         after = perplexity(str(tuned), held_out, seq_len=seq_len, dtype="fp32")["perplexity"]
         assert after < before, (seq_len, before, after)
+
+
+def test_validation_scores_the_same_samples_whatever_the_micro_batch(tmp_path, data):
+    """The sweep that chose the demo recipe compared runs at different batch sizes: their validation
+    figures must come from the same held-out samples."""
+    results = []
+    for micro in (1, 4):
+        cfg = config_from_dict(run_config(data, tmp_path / f"m{micro}", micro_batch_size=micro), "x")
+        tok = loop.Tokenizer(cfg.tokenizer)
+        model = loop._build_model(cfg, tok, loop.Dist()).eval()
+        with torch.no_grad():
+            results.append(loop.validation_loss(model, tok, cfg, loop.Dist(), torch.autocast("cpu", enabled=False)))
+    assert results[0] == pytest.approx(results[1], rel=1e-6)

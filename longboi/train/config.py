@@ -95,7 +95,7 @@ class LogConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     every: str = "500ba"  # a duration: steps, a fraction of the run, or a time (10min)
-    val_batches: int = 20
+    val_batches: int = 20  # batches of 8 samples per rank from the held-out split (capped at its size)
     prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
     temperature: float = 0.8

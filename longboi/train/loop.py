@@ -308,6 +308,8 @@ def _progress_bar(r: Run) -> tqdm:
         total=round(r.clock.budget_s) if timed else r.clock.total,
         initial=round(r.progress.elapsed) if timed else r.progress.step,
         unit="s" if timed else "it",
+        # seconds of the budget: the rate (seconds per second) says nothing; the ETA is the budget's
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]" if timed else None,
         desc="train",
         disable=not (r.d.is_main and r.cfg.log.progress),
         dynamic_ncols=True,
@@ -529,11 +531,16 @@ def validation_loss(wrapped, tok: Tokenizer, cfg: TrainConfig, d: Dist, autocast
     return float(sums[0] / sums[1]), float(sums[0] / math.log(2) / sums[2])
 
 
+VAL_ROWS = 8  # validation rows per batch and rank
+
+
 def _validation_set(cfg: TrainConfig, d: Dist) -> tuple[StreamingDataset, int, int]:
     """The held-out split, the global batch it is read in, and how many batches are scored."""
     assert cfg.data is not None and cfg.data.val
     val = StreamingDataset(cfg.data.val, seed=0, shuffle=False, cache=cfg.data.cache)
-    batch = max(1, cfg.micro_batch_size or 8) * d.world_size
+    # A fixed number of rows per batch, not the training micro-batch: which samples are scored (and so
+    # the figure) must not change with the batch size chosen for training.
+    batch = VAL_ROWS * d.world_size
     return val, batch, min(cfg.eval.val_batches, max(1, len(val) // batch))
 
 
