@@ -1,5 +1,6 @@
 """Distributed training on CPU: gloo backend, 2 processes under torchrun (the twin of NCCL on GPUs)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -149,3 +150,16 @@ def test_lora_with_fsdp_is_refused_with_a_clear_error(tmp_path):
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "error: LoRA is not supported with FSDP here (untested with peft); set parallel: ddp" in err
+
+
+def test_a_wall_clock_budget_on_two_ranks_ends_together(tmp_path, data):
+    """Each rank's clock differs: they must still agree on the lr and on the last step (else a rank
+    would wait forever in a collective the other never joins)."""
+    cfg = run_config(data, tmp_path / "run", parallel="ddp", max_duration="8s", global_batch_size=8,
+                     **{"schedule.warmup": "0.1dur", "eval.every": "4s", "checkpoint.every": "3s"})  # fmt: skip
+    proc = torchrun(write(tmp_path, "timed", cfg))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    rows = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    steps = [r for r in rows if r["kind"] == "train"]
+    assert steps[-1]["elapsed_s"] <= 8 and len(steps) >= 5 and (tmp_path / "run" / "final").is_dir()

@@ -93,6 +93,7 @@ class RunClock:
         self.tokens_per_step, self.steps_per_epoch = tokens_per_step, steps_per_epoch
         self.now = time.monotonic  # replaceable, for tests of wall-clock behaviour
         self.start, self.reserve_s = self.now() - elapsed, 0.0
+        self.agreed = elapsed  # elapsed seconds as every rank agrees (see finished)
 
     def elapsed(self) -> float:
         return self.now() - self.start
@@ -103,14 +104,20 @@ class RunClock:
             return lr_multiplier(step, self.total, int(self.warmup), schedule)
         window = max(self.budget_s - self.reserve_s, 1e-9)
         n = self.RESOLUTION
-        done = min(n, int(n * self.elapsed() / window))
+        done = min(n, int(n * self.agreed / window))
         return lr_multiplier(done, n, round(n * min(self.warmup / window, 1.0)), schedule)
 
-    def finished(self, step: int, step_s: float) -> bool:
-        """True after the run's last step: step count reached, or no time left for another step."""
+    def finished(self, step: int, step_s: float, d: Dist) -> bool:
+        """True after the run's last step: step count reached, or no time left for another step.
+
+        On a wall clock every rank must take the same decision and the same lr, though their clocks
+        differ a little: elapsed time, step time and reserve are averaged over ranks, one number for all.
+        """
         if self.budget_s is None:
             return step >= (self.total or 0)
-        return self.elapsed() + step_s + self.reserve_s >= self.budget_s
+        times = torch.tensor([self.elapsed(), step_s, self.reserve_s], dtype=torch.float64)
+        self.agreed, step_s, reserve = (float(x) for x in all_reduce_mean(times, d))
+        return self.agreed + step_s + reserve >= self.budget_s
 
     def due(self, every: Duration, step: int, since: float, d: Dist) -> bool:
         """Is a periodic action (eval, checkpoint) due at this step? `since`: when it last ran."""
@@ -120,9 +127,6 @@ class RunClock:
             return bool(all_reduce_mean(flag, d) > 0)  # clocks differ per rank: all act when any is due
         n = every.steps(self.tokens_per_step, self.steps_per_epoch, self.total)
         return n > 0 and step % n == 0
-
-    def describe(self) -> str:
-        return f"{self.budget_s:g} s of wall clock" if self.budget_s is not None else f"{self.total} steps"
 
 
 @dataclass
@@ -234,7 +238,7 @@ def run_loop(r: Run) -> tuple[float | None, dict]:
     batches, last_save, last_eval_at, last_eval, loss = iter(r.loader), time.monotonic(), time.monotonic(), {}, None
     eval_every = parse_duration(cfg.eval.every)
     save_every = parse_duration(cfg.checkpoint.every)
-    finished = clock.finished(progress.step, 0.0)
+    finished = clock.finished(progress.step, 0.0, d)
     while not finished:
         lr = set_lr(r.optimizer, cfg.optimizer.lr, clock.lr_multiplier(progress.step, cfg.schedule))
         start = time.perf_counter()
@@ -244,7 +248,7 @@ def run_loop(r: Run) -> tuple[float | None, dict]:
         event = spike_event(loss, grad_norm, progress.losses, cfg)
         if event is not None:
             batches = _defend(r, event, loss, grad_norm, batches)
-            finished = clock.finished(progress.step, time.perf_counter() - start)
+            finished = clock.finished(progress.step, time.perf_counter() - start, d)
             continue
         r.optimizer.step()
         r.optimizer.zero_grad(set_to_none=True)
@@ -257,7 +261,7 @@ def run_loop(r: Run) -> tuple[float | None, dict]:
         tok_s = clock.tokens_per_step / seconds
         if not clock.reserve_s and _has_eval(cfg):  # until an evaluation has been timed
             clock.reserve_s = _eval_estimate(r, tok_s) + _save_estimate(r)
-        finished = clock.finished(progress.step, seconds)
+        finished = clock.finished(progress.step, seconds, d)
         mfu = r.mfu(r.flops_per_token * tok_s)
         if progress.step % cfg.log.every == 0 or finished:
             r.metrics.log(
