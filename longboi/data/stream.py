@@ -125,13 +125,20 @@ class ShardCache:
 
     def _evict(self, keep: Path) -> None:
         limit = self.cfg.limit_gb * 2**30
-        files = [p for p in self.root.rglob("*") if p.is_file() and p.suffix in (".bin", ".idx")]
-        total = sum(p.stat().st_size for p in files)
-        for p in sorted(files, key=lambda f: f.stat().st_mtime):
+        files = []  # (mtime, size, path); another thread or process may evict at the same time
+        for p in self.root.rglob("*"):
+            if p.suffix in (".bin", ".idx"):
+                try:
+                    st = p.stat()
+                except FileNotFoundError:
+                    continue
+                files.append((st.st_mtime, st.st_size, p))
+        total = sum(size for _, size, _ in files)
+        for _, size, p in sorted(files):
             if total <= limit:
                 break
             if p != keep:
-                total -= p.stat().st_size
+                total -= size
                 p.unlink(missing_ok=True)
 
 
