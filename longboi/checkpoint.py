@@ -51,7 +51,6 @@ def unwrap(model: torch.nn.Module) -> MPTForCausalLM:
 
 
 def config_json(cfg: ModelConfig) -> dict[str, Any]:
-
     representable = not hf_unsupported(cfg)
     return {
         "architectures": ["MptForCausalLM" if representable else "LongboiMPTForCausalLM"],

@@ -202,7 +202,7 @@ class MFU:
     """
 
     def __init__(self, device: torch.device, bf16: bool, override: float | None, devices: int = 1):
-        self.device, self.bf16, self.devices = device, bf16, devices
+        self.bf16, self.devices = bf16, devices
         self.peak = peak_flops(device, bf16, override) * devices
         self.remeasured = override is not None or device.type != "cpu"
 

@@ -140,6 +140,7 @@ class AttentionMask:
         self.key_valid = key_valid  # (B, Tk) bool
         self.sequence_id = sequence_id  # (B, Tk) int
         self._chunks: dict[torch.dtype, list] = {}  # bias chunks shared by all layers (see bias_chunks)
+        self._budget_scale = GPU_BIAS_SCALE if torch.device(device).type == "cuda" else 1
         self.key_pos = torch.arange(k_len, device=device)
         # Key-only ALiBi, slope * (j - (Tk-1)): under a causal mask it differs from MPT's relative
         # bias slope * (j - i) by a per-row constant, which softmax ignores.
@@ -169,15 +170,13 @@ class AttentionMask:
 
     def bias_shape(self) -> tuple[int, int]:
         """The (batch, heads) of the bias this mask builds: 1 where it does not vary."""
-        varies = self.sequence_id is not None or self.key_valid is not None
-        batch = next(t.shape[0] for t in (self.sequence_id, self.key_valid) if t is not None) if varies else 1
-        return batch, 1 if self.slopes is None else len(self.slopes)
+        per_row = self.sequence_id if self.sequence_id is not None else self.key_valid  # (B, Tk) or None
+        return 1 if per_row is None else per_row.shape[0], 1 if self.slopes is None else len(self.slopes)
 
     def row_chunks(self, dtype_bytes: int = 4) -> list[tuple[int, int]]:
         """Query-row ranges whose bias fits in ATTN_CHUNK_BYTES (sized by the bias's real batch and heads)."""
         batch, heads = self.bias_shape()
-        budget = ATTN_CHUNK_BYTES * (GPU_BIAS_SCALE if self.key_pos.is_cuda else 1)
-        rows = max(1, budget // (dtype_bytes * batch * heads * self.k_len))
+        rows = max(1, ATTN_CHUNK_BYTES * self._budget_scale // (dtype_bytes * batch * heads * self.k_len))
         return [(s, min(s + rows, self.q_len)) for s in range(0, self.q_len, rows)]
 
     def bias_chunks(self, dtype: torch.dtype):
@@ -188,9 +187,7 @@ class AttentionMask:
             return
         batch, heads = self.bias_shape()
         size = torch.finfo(dtype).bits // 8
-        keep = batch * heads * self.q_len * self.k_len * size <= BIAS_CACHE_BYTES * (
-            GPU_BIAS_SCALE if self.key_pos.is_cuda else 1
-        )
+        keep = batch * heads * self.q_len * self.k_len * size <= BIAS_CACHE_BYTES * self._budget_scale
         built = []
         for start, end in self.row_chunks(size):
             chunk = (start, end, self.bias(start, end).to(dtype))

@@ -200,8 +200,7 @@ class StreamDecoder:
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        context = self.tok.decode(self.ids[self.prefix : self.read])
-        text = self.tok.decode(self.ids[self.prefix :])
+        context, text = self._window()
         if len(text) <= len(context) or text.endswith("\ufffd"):  # nothing new yet, or a character half-done
             return ""
         self.prefix, self.read = self.read, len(self.ids)
@@ -209,7 +208,10 @@ class StreamDecoder:
 
     def flush(self) -> str:
         """What is held back at the end (a character that never completed decodes as U+FFFD)."""
-        context = self.tok.decode(self.ids[self.prefix : self.read])
-        text = self.tok.decode(self.ids[self.prefix :])
+        context, text = self._window()
         self.prefix = self.read = len(self.ids)
         return text[len(context) :]
+
+    def _window(self) -> tuple[str, str]:
+        """The last emitted piece alone, and with everything after it: the new text is the difference."""
+        return self.tok.decode(self.ids[self.prefix : self.read]), self.tok.decode(self.ids[self.prefix :])

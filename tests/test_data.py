@@ -318,8 +318,10 @@ def test_concurrent_readers_share_one_cache(s3_shakespeare, shakespeare, tmp_pat
     expected = str(sum(int(local[g]["input_ids"].sum()) for g in range(0, len(local), 7)))
     assert [out.strip() for out, _ in results] == [expected] * 3
     downloads = [line.split()[1] for _, err in results for line in err.splitlines() if line.startswith("download ")]
-    shards = {sh.file for sh in local.data[0].index.shards}
-    assert sorted(downloads) == sorted(shards)  # each shard fetched once, by one of the three processes
+    source = local.data[0]
+    read = {source.index.shards[source.shard_of(local.locate(g)[1])].file for g in range(0, len(local), 7)}
+    assert len(downloads) == len(set(downloads))  # no shard fetched twice, across the three processes
+    assert read <= set(downloads) <= {sh.file for sh in source.index.shards}  # (prefetch may add a few more)
     assert not [p for p in (tmp_path / "shared-cache").rglob("*") if ".tmp-" in p.name]
 
 

@@ -122,7 +122,7 @@ class RunClock:
     def due(self, every: Duration, step: int, since: float, d: Dist) -> bool:
         """Is a periodic action (eval, checkpoint) due at this step? `since`: when it last ran."""
         if every.is_time or (every.unit == "dur" and self.budget_s is not None):
-            seconds = every.seconds if every.is_time else every.value * (self.budget_s or 0)
+            seconds = every.seconds if every.is_time else every.value * self.budget_s
             flag = torch.tensor(float(seconds > 0 and self.now() - since >= seconds), device=d.device)
             return bool(all_reduce_mean(flag, d) > 0)  # clocks differ per rank: all act when any is due
         n = every.steps(self.tokens_per_step, self.steps_per_epoch, self.total)
@@ -235,9 +235,10 @@ def run_loop(r: Run) -> tuple[float | None, dict]:
     """The training loop, top to bottom. Returns the last loss and the last evaluation's metrics."""
     cfg, d, progress, clock = r.cfg, r.d, r.progress, r.clock
     bar = _progress_bar(r)
-    batches, last_save, last_eval_at, last_eval, loss = iter(r.loader), time.monotonic(), time.monotonic(), {}, None
+    batches, last_save, last_eval_at, last_eval, loss = iter(r.loader), clock.now(), clock.now(), {}, None
     eval_every = parse_duration(cfg.eval.every)
     save_every = parse_duration(cfg.checkpoint.every)
+    has_eval = _has_eval(cfg)
     finished = clock.finished(progress.step, 0.0, d)
     while not finished:
         lr = set_lr(r.optimizer, cfg.optimizer.lr, clock.lr_multiplier(progress.step, cfg.schedule))
@@ -259,7 +260,7 @@ def run_loop(r: Run) -> tuple[float | None, dict]:
         progress.losses = (progress.losses + [loss])[-cfg.spike.window :]
         progress.elapsed = clock.elapsed()
         tok_s = clock.tokens_per_step / seconds
-        if not clock.reserve_s and _has_eval(cfg):  # until an evaluation has been timed
+        if not clock.reserve_s and has_eval:  # until an evaluation has been timed
             clock.reserve_s = _eval_estimate(r, tok_s) + _save_estimate(r)
         finished = clock.finished(progress.step, seconds, d)
         mfu = r.mfu(r.flops_per_token * tok_s)
@@ -277,11 +278,11 @@ def run_loop(r: Run) -> tuple[float | None, dict]:
             )
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
         bar.update(1 if clock.budget_s is None else round(progress.elapsed) - bar.n)
-        if _has_eval(cfg) and (finished or clock.due(eval_every, progress.step, last_eval_at, d)):
-            last_eval, last_eval_at = _timed_eval(r), time.monotonic()
+        if has_eval and (finished or clock.due(eval_every, progress.step, last_eval_at, d)):
+            last_eval, last_eval_at = _timed_eval(r), clock.now()
         if not finished and clock.due(save_every, progress.step, last_save, d):
             _save(r)
-            last_save = time.monotonic()
+            last_save = clock.now()
     bar.close()
     return loss, last_eval
 
@@ -405,7 +406,7 @@ def train_step(
     by DDP / FSDP, hence the world size in the weight.
     """
     micro = [_micro_batch(next(batches), d.device) for _ in range(accum)]
-    counts = [int((labels != IGNORE).sum()) for _, labels, _ in micro]
+    counts = torch.stack([(labels != IGNORE).sum() for _, labels, _ in micro]).tolist()  # one device sync
     global_count = float(all_reduce_mean(torch.tensor(float(sum(counts))), d)) * d.world_size
     total = torch.zeros((), device=d.device)
     for i, ((inputs, labels, seq), count) in enumerate(zip(micro, counts)):
