@@ -118,6 +118,89 @@ class KVCache:
         self.values = self.values.repeat_interleave(n, dim=1)
 
 
+class SlotCache:
+    """Keys/values for continuous batching: row r holds its own sequence, `lengths[r]` positions long.
+
+    A serving engine keeps its running sequences in rows 0..rows-1 (compacted when one retires) and
+    decodes them in one forward; each row writes its new keys at its own position and its query sees
+    only its own positions (AttentionMask's per-row `row_start`). Rows are left-aligned, so nothing
+    is padded on the left and a row's numbers do not depend on the other rows' lengths.
+    """
+
+    def __init__(self, n_layers: int, slots: int):
+        self.n_layers, self.slots, self.rows = n_layers, slots, 0
+        self.lengths = torch.zeros(slots, dtype=torch.long)  # cached positions per row
+        self.keys: torch.Tensor | None = None  # (L, slots, Hkv, capacity, D), zero-filled: masked keys stay finite
+        self.values: torch.Tensor | None = None
+
+    @property
+    def starts(self) -> torch.Tensor:
+        """(rows,) first position of this forward's queries in each active row."""
+        return self.lengths[: self.rows]
+
+    @property
+    def length(self) -> int:
+        """The longest active row: keys of this forward span [0, length + T)."""
+        return int(self.starts.max()) if self.rows else 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[3]
+
+    def reserve(self, positions: int, like: torch.Tensor | None = None) -> None:
+        """Make room for `positions` per row (doubling). The first call gives `like`, a (L, B, Hkv, T, D)
+        cache buffer (a prefill KVCache's keys) whose dtype, device and head layout to copy."""
+        if positions <= self.capacity:
+            return
+        like = self.keys if self.keys is not None else like
+        assert like is not None, "the first reserve needs a filled cache to copy the layout from"
+        capacity = max(positions, 2 * self.capacity)
+        _, _, h, _, d = like.shape
+        keys = like.new_zeros(self.n_layers, self.slots, h, capacity, d)
+        values = like.new_zeros(self.n_layers, self.slots, h, capacity, d)
+        if self.keys is not None and self.values is not None:
+            keys[:, :, :, : self.capacity] = self.keys
+            values[:, :, :, : self.capacity] = self.values
+        self.keys, self.values = keys, values
+
+    def insert(self, row: int, source: KVCache, source_row: int = 0) -> None:
+        """Copy one sequence of a (prefill) KVCache into `row`."""
+        assert self.keys is not None and self.values is not None and source.keys is not None
+        assert source.values is not None
+        n = source.length
+        self.keys[:, row, :, :n] = source.keys[:, source_row, :, :n]
+        self.values[:, row, :, :n] = source.values[:, source_row, :, :n]
+        self.lengths[row] = n
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy row `src` over row `dst` (compaction after a sequence retires)."""
+        assert self.keys is not None and self.values is not None
+        n = int(self.lengths[src])
+        self.keys[:, dst, :, :n] = self.keys[:, src, :, :n]
+        self.values[:, dst, :, :n] = self.values[:, src, :, :n]
+        self.lengths[dst] = n
+
+    def release(self) -> None:
+        """Free the buffers (nothing running); the next reserve allocates afresh."""
+        self.keys = self.values = None
+        self.rows = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (rows, Hkv, T, D) keys/values at each row's own positions; return (rows, Hkv, Tk, D)."""
+        assert self.keys is not None and self.values is not None
+        n, T = k.shape[0], k.shape[2]
+        pos = self.starts[:, None] + torch.arange(T)  # (n, T)
+        end = int(pos.max()) + 1
+        assert end <= self.capacity, "SlotCache.reserve was not called for this step"
+        row = torch.arange(n)[:, None]
+        self.keys[layer, row, :, pos] = k.transpose(1, 2)  # indexed (n, T, Hkv, D)
+        self.values[layer, row, :, pos] = v.transpose(1, 2)
+        return self.keys[layer, :n, :, :end], self.values[layer, :n, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.lengths[: self.rows] += n
+
+
 class AttentionMask:
     """Which keys each query sees, and the ALiBi bias, built once per forward for all layers.
 
@@ -134,8 +217,10 @@ class AttentionMask:
         device: torch.device,
         key_valid: torch.Tensor | None = None,
         sequence_id: torch.Tensor | None = None,
+        row_start: torch.Tensor | None = None,
     ):
         self.q_len, self.k_len, self.past = q_len, k_len, k_len - q_len
+        self.row_start = row_start  # (B,) each row's first query position (SlotCache); else all at `past`
         self.slopes = slopes  # (H,) fp32 on `device`
         self.key_valid = key_valid  # (B, Tk) bool
         self.sequence_id = sequence_id  # (B, Tk) int
@@ -151,27 +236,36 @@ class AttentionMask:
     @property
     def simple(self) -> bool:
         """Causal only: no padding and no packed documents."""
-        return self.key_valid is None and self.sequence_id is None
+        return self.key_valid is None and self.sequence_id is None and self.row_start is None
 
     def bias(self, start: int, end: int) -> torch.Tensor:
         """Additive fp32 bias for query rows [start, end): (B or 1, H or 1, end-start, Tk), -inf where masked."""
-        q_pos = self.past + torch.arange(start, end, device=self.key_pos.device)
-        allowed = (self.key_pos[None, :] <= q_pos[:, None])[None]  # (1, c, Tk)
+        offsets = torch.arange(start, end, device=self.key_pos.device)
+        first = self.row_start[:, None] if self.row_start is not None else torch.tensor([[self.past]])
+        q_pos = first.to(offsets.device) + offsets  # (B|1, c)
+        allowed = self.key_pos[None, None, :] <= q_pos[:, :, None]  # (B|1, c, Tk)
         if self.sequence_id is not None:
             sid_q = self.sequence_id[:, self.past + start : self.past + end]
             allowed = allowed & (sid_q[:, :, None] == self.sequence_id[:, None, :])  # (B, c, Tk)
         if self.key_valid is not None:  # a padded query still sees itself, so no row is all -inf (NaN)
-            allowed = allowed & (self.key_valid[:, None, :] | (self.key_pos[None, :] == q_pos[:, None]))
+            allowed = allowed & (self.key_valid[:, None, :] | (self.key_pos[None, None, :] == q_pos[:, :, None]))
         if self.slopes is None:
             rel = torch.zeros(1, 1, 1, 1, device=q_pos.device)
         else:  # relative ALiBi: small near the diagonal, so it stays exact where it matters
-            rel = (-self.slopes[:, None, None] * (q_pos[:, None] - self.key_pos[None, :]).float())[None]
+            rel = -self.slopes[None, :, None, None] * (q_pos[:, None, :, None] - self.key_pos).float()
         return rel.masked_fill(~allowed[:, None], float("-inf"))  # (B|1, H|1, c, Tk)
 
     def bias_shape(self) -> tuple[int, int]:
         """The (batch, heads) of the bias this mask builds: 1 where it does not vary."""
-        per_row = self.sequence_id if self.sequence_id is not None else self.key_valid  # (B, Tk) or None
+        per_row = next((t for t in (self.sequence_id, self.key_valid, self.row_start) if t is not None), None)
         return 1 if per_row is None else per_row.shape[0], 1 if self.slopes is None else len(self.slopes)
+
+    def decode_bias(self) -> torch.Tensor | None:
+        """The fp32 bias of a one-query-row forward: (1, H, 1, Tk) key-only ALiBi when nothing else
+        applies (exact there: the query is the last position), else the full (B|1, H|1, 1, Tk) bias."""
+        if self.simple:
+            return self.key_bias
+        return next(self.bias_chunks(torch.float32))[2]
 
     def row_chunks(self, dtype_bytes: int = 4) -> list[tuple[int, int]]:
         """Query-row ranges whose bias fits in ATTN_CHUNK_BYTES (sized by the bias's real batch and heads)."""
@@ -243,8 +337,9 @@ def decode_attention(
     Hkv, T = k.shape[1], k.shape[2]
     qg = q.view(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # (B, Hkv, G, T)
-    if key_bias is not None:
-        scores = scores + key_bias.view(1, Hkv, H // Hkv, T)
+    if key_bias is not None:  # (B|1, H|1, 1, T): per-head slopes and/or per-row masks
+        per_head = key_bias.shape[1] > 1
+        scores = scores + key_bias.view(key_bias.shape[0], Hkv if per_head else 1, H // Hkv if per_head else 1, T)
     probs = scores.softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(B, H, 1, D)  # (B, H, 1, D)
 
@@ -293,7 +388,9 @@ class MPTAttention(nn.Module):
         self.out_proj._is_residual = True  # type: ignore[assignment]  # init scaled by 1/sqrt(2L)
         self.scale = cfg.softmax_scale or 1 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | SlotCache | None, layer: int
+    ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = self.Wqkv(x)  # (B, T, d + 2 * kv_dim)
@@ -317,8 +414,8 @@ class MPTAttention(nn.Module):
             y = causal_attention(q, k, v, mask, self.scale, dropout_p)
         elif fresh and q.device.type == "cpu" and dropout_p == 0:
             y = key_bias_attention(q, k, v, mask, self.scale, dropout_p)
-        elif mask.simple and mask.q_len == 1 and dropout_p == 0:  # decoding: one query sees every cached key
-            y = decode_attention(q, k, v, mask.key_bias, self.scale)
+        elif mask.q_len == 1 and mask.sequence_id is None and dropout_p == 0:  # decoding one token per row
+            y = decode_attention(q, k, v, mask.decode_bias(), self.scale)
         else:
             y = biased_attention(q, k, v, mask, self.scale, dropout_p)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, cfg.d_model))  # (B, T, d)
@@ -346,7 +443,7 @@ class MPTBlock(nn.Module):
         self.resid_ffn_dropout = nn.Dropout(cfg.resid_pdrop)
 
     def forward(
-        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | SlotCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), mask, cache, layer))
         return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
@@ -379,7 +476,7 @@ class MPTModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         sequence_id: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d) final hidden states.
 
@@ -388,10 +485,13 @@ class MPTModel(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
+        starts = cache.starts.to(input_ids.device) if isinstance(cache, SlotCache) else None  # per-row positions
         x = self.wte(input_ids)  # (B, T, d)
         if self.cfg.learned_pos_emb:
             pos = torch.arange(past, past + T, device=x.device)  # (T,)
-            if attention_mask is not None:  # left padding: a row's first real token is position 0
+            if starts is not None:
+                pos = starts[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            elif attention_mask is not None:  # left padding: a row's first real token is position 0
                 pos = (pos - (attention_mask == 0).cumsum(dim=1)[:, past : past + T]).clamp(min=0)  # (B, T)
             if int(pos.max()) >= self.cfg.max_seq_len:
                 raise ValueError(
@@ -404,7 +504,7 @@ class MPTModel(nn.Module):
             x = x * f + x.detach() * (1 - f)
         x = self.emb_drop(x)
         key_valid = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
-        mask = AttentionMask(T, past + T, self.alibi_slopes(x.device), x.device, key_valid, sequence_id)
+        mask = AttentionMask(T, past + T, self.alibi_slopes(x.device), x.device, key_valid, sequence_id, starts)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
         if cache is not None:
@@ -472,7 +572,7 @@ class MPTForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         sequence_id: torch.Tensor | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | SlotCache | None = None,
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
         logits_mask: torch.Tensor | None = None,
