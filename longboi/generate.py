@@ -8,7 +8,7 @@ in Hugging Face's order: repetition penalty, temperature, top-k, top-p.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +23,10 @@ PREFILL_CHUNK = 2048  # prompt tokens per forward when prompts are padded: bound
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; top_k None (or 0) and top_p None (or 1) do not
-    filter; stop strings end a row's text (not included). Checked on construction: a bad value is a
-    one-line UserError naming the field, wherever it came from (CLI, API, server request)."""
+    filter; stop strings end a row's text (not included). Penalties: repetition (CTRL-style, divides
+    a seen token's logit), presence and frequency (OpenAI's: subtract per seen token / per occurrence);
+    logit_bias adds to given token ids. Checked on construction: a bad value is a one-line UserError
+    naming the field, wherever it came from (CLI, API, server request)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -33,6 +35,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         self._check("max_new_tokens", _is_int(self.max_new_tokens) and self.max_new_tokens >= 0, "an integer >= 0")
@@ -42,9 +47,13 @@ class SamplingParams:
         self._check("top_p", top_p_ok, "a number in (0, 1] or none")
         penalty_ok = _is_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf
         self._check("repetition_penalty", penalty_ok, "a number > 0 (1 is off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            self._check(name, _is_real(getattr(self, name)) and abs(getattr(self, name)) <= 2, "a number in [-2, 2]")
         stops_ok = isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop)
         self._check("stop", stops_ok, "a list of non-empty strings")
         self._check("seed", self.seed is None or _is_int(self.seed), "an integer or none")
+        bias_ok = all(_is_int(i) and i >= 0 and _is_real(b) and abs(b) <= 100 for i, b in self.logit_bias)
+        self._check("logit_bias", bias_ok, "token ids >= 0 mapped to numbers in [-100, 100]")
         if self.top_k == 0:  # 0 means no limit (as in transformers and llama.cpp)
             object.__setattr__(self, "top_k", None)
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -52,6 +61,11 @@ class SamplingParams:
     def _check(self, field: str, ok: bool, expected: str) -> None:
         if not ok:
             raise UserError(f"sampling parameter {field}: expected {expected}, got {getattr(self, field)!r}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether sampling needs the counts of tokens seen so far."""
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 def _is_int(x: object) -> bool:
@@ -62,38 +76,69 @@ def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
-def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """(B, V) raw logits -> (B, V) fp32 logits after penalty, temperature and top-k/top-p filtering."""
-    logits = logits.float()
-    if p.repetition_penalty != 1.0:  # CTRL-style: push down every token already in the context
-        seen = logits.gather(1, context)
-        logits = logits.scatter(
-            1, context, torch.where(seen < 0, seen * p.repetition_penalty, seen / p.repetition_penalty)
-        )
-    if p.temperature == 0:
-        return logits
-    logits = logits / p.temperature
-    if p.top_k is not None and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
+def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], counts: torch.Tensor | None) -> torch.Tensor:
+    """(B, V) raw logits -> (B, V) fp32 logits after penalties, logit bias, temperature, top-k and top-p,
+    each row by its own params (so requests with different settings share one batch).
+
+    counts: (B, V) occurrences of each token in the row's text so far (prompt included), needed when
+    any row is penalized. Order as in Hugging Face: penalty, temperature, top-k, top-p.
+    """
+    logits, col = logits.float(), _column(logits.device)
+    if counts is not None:
+        seen = counts > 0
+        rep = col([p.repetition_penalty for p in params])  # CTRL-style: push down every token already seen
+        logits = torch.where(seen, torch.where(logits < 0, logits * rep, logits / rep), logits)
+        logits = logits - col([p.frequency_penalty for p in params]) * counts
+        logits = logits - col([p.presence_penalty for p in params]) * seen
+    for row, p in enumerate(params):
+        for token, bias in p.logit_bias:
+            logits[row, token] += bias
+    if all(p.temperature == 0 for p in params):
+        return logits  # greedy rows take the argmax; filtering would keep it anyway
+    logits = logits / col([p.temperature or 1.0 for p in params])
+    ks = [p.top_k if p.top_k is not None and p.top_k < logits.shape[-1] else 0 for p in params]
+    if any(ks):
+        top = torch.topk(logits, max(ks), dim=-1).values  # (B, k_max), descending
+        kth = top.gather(1, torch.tensor([[max(k, 1) - 1] for k in ks], device=logits.device))
+        kth = kth.masked_fill(col(ks) == 0, float("-inf"))  # rows without top-k keep everything
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p is not None and p.top_p < 1.0:
+    ps = [p.top_p if p.top_p is not None else 1.0 for p in params]
+    if any(x < 1 for x in ps):
         sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative <= 1 - p.top_p
+        drop_sorted = (cumulative <= 1 - col(ps)) & (col(ps) < 1)
         drop_sorted[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return logits
 
 
-def pick(logits: torch.Tensor, p: SamplingParams, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """(B, V) processed logits -> (B,) token ids. With a seed, each row draws from its own generator,
-    so a row samples the same tokens alone or in any batch."""
-    if p.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = logits.softmax(dim=-1)
+def _column(device: torch.device) -> Callable[[list], torch.Tensor]:
+    """Per-row values -> a (B, 1) fp32 column that broadcasts over the vocabulary."""
+    return lambda values: torch.tensor(values, dtype=torch.float32, device=device)[:, None]
+
+
+def pick(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None
+) -> torch.Tensor:
+    """(B, V) processed logits -> (B,) token ids: argmax for greedy rows, a draw for the others. A row
+    with a generator draws from it alone, so it samples the same tokens alone or in any batch."""
+    tokens = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return tokens
+    probs = logits[rows].softmax(dim=-1)
     if generators is None:
-        return torch.multinomial(probs, 1).squeeze(1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+        tokens[rows] = torch.multinomial(probs, 1).squeeze(1)
+        return tokens
+    for j, i in enumerate(rows):
+        tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze()
+    return tokens
+
+
+def token_counts(ids: torch.Tensor, weights: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, T) ids and (B, T) weights (0 for padding) -> (B, vocab) fp32 occurrence counts."""
+    counts = torch.zeros(ids.shape[0], vocab, device=ids.device)
+    return counts.scatter_add_(1, ids, weights.float())
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,16 +174,18 @@ def generate_ids(
     _check_length(model, prompts, params)
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    first = ids.gather(1, mask.argmax(dim=1, keepdim=True))  # (B, 1) each row's first real token
     generators = None if params.seed is None else [torch.Generator(device).manual_seed(params.seed) for _ in prompts]
     cache = model.new_cache(ids.shape[1] + params.max_new_tokens) if use_cache else None
     logits = _prefill(model, ids, mask, cache)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    rows = [params] * len(prompts)
+    counts = token_counts(ids, mask, logits.shape[-1]) if params.penalized else None  # pads never penalized
     for step in range(params.max_new_tokens):
         if valid_vocab is not None:
             logits[:, valid_vocab:] = float("-inf")
-        context = torch.where(mask.bool(), ids, first)  # pads stand in as a real token: never penalized
-        token = pick(process_logits(logits, context, params), params, generators)
+        token = pick(process_logits(logits, rows, counts), rows, generators)
+        if counts is not None:
+            counts[torch.arange(len(prompts)), token] += 1
         if eos_id is not None:
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id

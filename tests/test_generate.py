@@ -9,7 +9,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from longboi.generate import SamplingParams, generate, generate_ids, process_logits, stream
+from longboi.generate import SamplingParams, generate, generate_ids, process_logits, stream, token_counts
 from longboi.tokenizer import Tokenizer
 
 PROMPTS = [[5, 17, 300, 42, 9, 81, 7], [1000], [77, 66, 55, 44]]
@@ -59,9 +59,8 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
 def test_logit_processing_matches_transformers(penalty, temperature, top_k, top_p):
     g = torch.Generator().manual_seed(0)
     logits, context = torch.randn(3, 1000, generator=g) * 3, torch.randint(0, 1000, (3, 30), generator=g)
-    ours = process_logits(
-        logits, context, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
-    )
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    ours = process_logits(logits, [params] * 3, token_counts(context, torch.ones_like(context), 1000))
     theirs = logits.clone()
     for proc in (
         [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)]
@@ -72,6 +71,31 @@ def test_logit_processing_matches_transformers(penalty, temperature, top_k, top_
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     finite = torch.isfinite(ours)
     assert torch.allclose(ours[finite], theirs[finite], atol=1e-5)
+
+
+def test_rows_with_different_params_share_one_pass():
+    """Each row of a mixed batch (as a serving engine builds) equals that row processed alone."""
+    g = torch.Generator().manual_seed(1)
+    logits, context = torch.randn(4, 500, generator=g) * 3, torch.randint(0, 500, (4, 20), generator=g)
+    counts = token_counts(context, torch.ones_like(context), 500)
+    rows = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.7, top_k=5, repetition_penalty=1.3),
+        SamplingParams(temperature=1.2, top_p=0.5, frequency_penalty=0.5, presence_penalty=1.0),
+        SamplingParams(temperature=1.0, top_k=40, top_p=0.9, logit_bias=((3, 5.0), (7, -100.0))),
+    ]
+    mixed = process_logits(logits, rows, counts)
+    for i, p in enumerate(rows):
+        alone = process_logits(logits[i : i + 1], [p], counts[i : i + 1])[0]
+        assert torch.equal(torch.isinf(mixed[i]), torch.isinf(alone)) and torch.allclose(
+            mixed[i][torch.isfinite(alone)], alone[torch.isfinite(alone)]
+        )
+    assert torch.isinf(mixed[1]).sum() == 495  # top-k 5 kept exactly 5
+    seen = counts[2] > 0  # OpenAI's penalties: frequency per occurrence, presence once
+    expected = (logits[2] - 0.5 * counts[2] - 1.0 * seen) / 1.2
+    kept = torch.isfinite(mixed[2])
+    assert torch.allclose(mixed[2][kept], expected[kept])
+    assert mixed[3][7] == float("-inf") or mixed[3][7] < logits[3][7]
 
 
 def test_padded_vocab_ids_are_never_generated():
