@@ -425,6 +425,118 @@ def perplexity(
     return r.__dict__ | {"tokens_per_s": r.tokens_per_s}
 
 
+def serve(
+    ckpt: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_batch: int = 64,
+    max_queue: int = 256,
+    max_model_len: int | None = None,
+    dtype: Precision = "auto",
+    served_model_name: str | None = None,
+    prefill_chunk: int = 256,
+) -> None:
+    """Serve a checkpoint over the OpenAI API (completions, chat, streaming) with continuous batching,
+    plus a chat page at /. Needs the serve extra: pip install 'longboi[serve]'. Ctrl-C drains and exits.
+
+    Args:
+        ckpt: a checkpoint directory (longboi or HF MPT), a run directory (serves RUN/final), or a LoRA
+            adapter directory (RUN/adapter: merged onto its base checkpoint at load).
+        host: address to bind; 127.0.0.1 keeps the server on this machine (0.0.0.0: every interface).
+        port: TCP port.
+        api_key: require 'Authorization: Bearer KEY' on every route but /health (default: env LONGBOI_API_KEY).
+        max_batch: most sequences decoded together (each choice of each request is one).
+        max_queue: most requests waiting for a slot; past it, 429 with Retry-After.
+        max_model_len: longest prompt + completion in tokens (default: the model's max_seq_len; ALiBi
+            models may go past it).
+        dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
+        served_model_name: the model name clients send (default: the checkpoint directory's name).
+        prefill_chunk: prompt tokens prefilled between two decode steps (long prompts go in chunks).
+    """
+    import os
+
+    try:
+        import uvicorn
+
+        from longboi.serve.api import Settings, create_app
+    except ImportError as e:
+        raise UserError(
+            f"longboi serve needs the serve extra ({e.name} is missing): pip install 'longboi[serve]'"
+        ) from e
+    source = _serving_source(ckpt)
+    limit = _serving_length(source, max_model_len)
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+        if value < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    key = api_key or os.environ.get("LONGBOI_API_KEY") or None
+    name = served_model_name or Path(ckpt).resolve().name
+    settings = Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk)
+    app = create_app(settings, lambda: _load_for_serving(source, dtype))
+    print(
+        f"longboi serve: http://{host}:{port} (chat page at /, OpenAI API at /v1) model {name!r} from {source}; "
+        f"max_batch {max_batch}, max_queue {max_queue}, max_model_len {limit}, "
+        f"api key {'required' if key else 'not set'}",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
+    print("longboi serve: stopped", flush=True)
+
+
+def _serving_source(ckpt: str) -> Path:
+    """A checkpoint, a run directory (its final weights) or a LoRA adapter directory."""
+    path = Path(ckpt)
+    for candidate in (path, path / "final"):
+        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
+            return candidate
+    raise UserError(f"{ckpt}: not a checkpoint, run or adapter directory (no config.json or adapter_config.json)")
+
+
+def _adapter_base(adapter: Path) -> Path:
+    import json
+
+    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise UserError(f"{adapter}: its base checkpoint {base!r} (base_model_name_or_path) is not a checkpoint here")
+    return Path(base)
+
+
+def _serving_length(source: Path, max_model_len: int | None) -> int:
+    from longboi.checkpoint import load_config
+
+    is_adapter = (source / "adapter_config.json").is_file()
+    cfg = load_config(_adapter_base(source) if is_adapter else source)
+    if max_model_len is None:
+        return cfg.max_seq_len
+    if max_model_len < 2:
+        raise UserError(f"--max-model-len must be at least 2, got {max_model_len}")
+    if max_model_len > cfg.max_seq_len and cfg.learned_pos_emb:
+        raise UserError(
+            f"--max-model-len {max_model_len} is past this model's max_seq_len {cfg.max_seq_len}, and its "
+            "learned position embeddings cannot extrapolate (ALiBi models can)"
+        )
+    return max_model_len
+
+
+def _load_for_serving(source: Path, dtype: Precision):
+    """(model, tokenizer) for the server, a LoRA adapter merged onto its base."""
+    if not (source / "adapter_config.json").is_file():
+        return _load(str(source), dtype)
+    from longboi.lora import load_adapter, merge
+
+    model, tok = _load(str(_adapter_base(source)), "fp32")
+    model = merge(load_adapter(model, source))
+    return model.to(_resolve_dtype(dtype)), tok
+
+
+def _resolve_dtype(dtype: Precision):
+    import torch
+
+    from longboi.hardware import resolve_precision
+
+    return resolve_precision(dtype, torch.device("cpu")).dtype
+
+
 COMMANDS: list[Callable] = [
     info,
     init,
@@ -440,6 +552,7 @@ COMMANDS: list[Callable] = [
     plot,
     eval,
     perplexity,
+    serve,
 ]
 
 

@@ -116,6 +116,14 @@ def chatml(role: str, content: str) -> str:
     return f"<|im_start|>{role}\n{content}<|im_end|>\n"
 
 
+# render_chat's ChatML as a Jinja template, for clients that render prompts themselves (the server's
+# /tokenizer_info gives it to lm-eval and others when the tokenizer has no template of its own).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def chatml_open(role: str) -> str:
     return f"<|im_start|>{role}\n"
 

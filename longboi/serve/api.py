@@ -1,0 +1,627 @@
+"""The HTTP layer: OpenAI's completions and chat routes, tokenizer routes, metrics and the chat page,
+over one Engine. Needs the `serve` extra (FastAPI, uvicorn).
+
+Everything a client sends is checked before it reaches the engine: the schemas reject unknown
+fields, wrong types and out-of-range values; lengths, token ids and the model name are checked
+here. Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}, and nothing a
+client sends reaches the engine thread unchecked, so no request can disturb the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import re
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from longboi.errors import UserError
+from longboi.generate import SamplingParams
+from longboi.serve.engine import Engine, Event, Job, QueueFull, TokenInfo
+from longboi.serve.metrics import Metrics
+from longboi.tokenizer import CHATML_TEMPLATE, Tokenizer, render_chat
+
+if TYPE_CHECKING:  # the serve extra is imported where it is used, so this module imports without it
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, Response
+
+    from longboi.serve.schemas import ChatRequest, CompletionRequest, Message, Sampling
+
+OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the chat page (it holds no data; its calls send the key)
+PAGE = Path(__file__).with_name("static") / "index.html"
+
+
+@dataclass
+class Settings:
+    model_name: str
+    api_key: str | None = None
+    max_batch: int = 64
+    max_queue: int = 256
+    max_model_len: int | None = None  # None: the model's max_seq_len
+    max_body_bytes: int = 8 * 2**20
+    prefill_chunk: int = 256
+
+
+@dataclass
+class Served:
+    """What the routes share: the engine once loaded, the tokenizer, the limits."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    engine: Engine | None = None
+    tok: Tokenizer | None = None
+    load_error: str | None = None
+
+    def ready(self) -> tuple[Engine, Tokenizer]:
+        if self.engine is None or self.tok is None:
+            raise APIError(503, self.load_error or "the model is still loading", "service_unavailable")
+        return self.engine, self.tok
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+    from fastapi.responses import JSONResponse
+
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+# -- app ---------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, load: Callable[[], tuple]) -> FastAPI:
+    """The app. `load()` returns (model, tokenizer); it runs in a thread at start-up, so /health
+    answers 503 while the weights load."""
+    from fastapi import FastAPI
+
+    served = Served(settings)
+    app = FastAPI(title="longboi", lifespan=_lifespan(served, load), docs_url=None, redoc_url=None)
+    app.state.served = served
+    _handlers(app, served)
+    _routes(app, served)
+    app.add_middleware(Guard, served=served)
+    return app
+
+
+def _lifespan(served: Served, load: Callable[[], tuple]):
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        thread = threading.Thread(target=_load_engine, args=(served, load), name="longboi-load", daemon=True)
+        thread.start()
+        yield
+        if served.engine is not None:
+            served.engine.stop()
+
+    return lifespan
+
+
+def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
+    s = served.settings
+    try:
+        model, tok = load()
+        engine = Engine(model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics)
+    except Exception as e:  # the server stays up to say why (health 503 with the reason)
+        served.load_error = f"the model failed to load: {e}"
+        print(f"error: {served.load_error}", flush=True)
+        return
+    served.metrics.gauge("requests_running", "Sequences being prefilled or decoded.", lambda: engine.load[0])
+    served.metrics.gauge("requests_waiting", "Requests queued for a batch slot.", lambda: engine.load[1])
+    served.tok, served.engine = tok, engine.start()
+    print(f"ready: {s.model_name} (max_model_len {engine.max_model_len})", flush=True)
+
+
+class Guard:
+    """API key and body size, before anything parses the body (so a keyless request is a 401 even
+    when its body is garbage). Pure ASGI: streaming and disconnects pass through untouched."""
+
+    def __init__(self, app, served: Served):
+        self.app, self.served = app, served
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        rejection = self._check(scope["path"], headers)
+        if rejection is None:
+            if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
+                # bodies are JSON whatever the client labels them (curl -d sends a form type)
+                rest = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                scope = dict(scope, headers=rest + [(b"content-type", b"application/json")])
+            return await self.app(scope, receive, send)
+        self.served.metrics.count_labelled("requests_rejected", code=str(rejection.status_code))
+        await rejection(scope, receive, send)
+
+    def _check(self, path: str, headers: dict[str, str]) -> Response | None:
+        key = self.served.settings.api_key
+        if key and path not in OPEN_PATHS and not _authorized(headers, key):
+            message = "missing or invalid API key: send 'Authorization: Bearer KEY' (or 'X-Api-Key: KEY')"
+            return error_response(401, message, "authentication_error", code="invalid_api_key")
+        length = headers.get("content-length", "0")
+        limit = self.served.settings.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            return error_response(413, f"request body of {length} bytes is over {limit}", "invalid_request_error")
+        return None
+
+
+def _authorized(headers: dict[str, str], key: str) -> bool:
+    bearer = headers.get("authorization", "")
+    given = bearer[7:] if bearer[:7].lower() == "bearer " else headers.get("x-api-key", "")
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def _handlers(app: FastAPI, served: Served) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    def reject(status: int, message: str, type_: str, param=None, code=None, headers=None) -> JSONResponse:
+        served.metrics.count_labelled("requests_rejected", code=str(status))
+        return error_response(status, message, type_, param, code, headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        headers = {"Retry-After": "1"} if e.status == 429 else None
+        return reject(e.status, e.message, e.type, e.param, e.code, headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):
+        message, param = _describe(e.errors())
+        return reject(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return reject(e.status_code, str(e.detail), "invalid_request_error")
+
+    @app.exception_handler(UserError)
+    async def user_error(request: Request, e: UserError):
+        return reject(400, str(e), "invalid_request_error")
+
+
+def _describe(errors) -> tuple[str, str | None]:
+    """pydantic's first error -> ("field: what is wrong", "field")."""
+    # a union (prompt: str | list[str] | list[int] | ...) fails once per branch: the deepest error says most
+    first = max(errors, key=lambda e: len(e["loc"])) if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    loc = [p for p in first["loc"] if p != "body"]
+    # keep field names and list indexes; drop pydantic's union-branch tags ('constrained-str', 'list[int]')
+    parts = [f"[{p}]" if isinstance(p, int) else p for p in loc if isinstance(p, int) or _is_field(p)]
+    param = ".".join(parts).replace(".[", "[")
+    if first.get("type") == "missing" and not loc:
+        return "a JSON body is required", None
+    if first.get("type") == "model_attributes_type" and not loc:
+        return "the body must be a JSON object", None
+    if first.get("type") == "extra_forbidden":
+        return f"{param}: unknown field", param
+    return f"{param or 'body'}: {first['msg']}", param or None
+
+
+def _is_field(name: str) -> bool:
+    return re.fullmatch(r"[a-z_][a-z0-9_]*", name) is not None and name not in ("str", "int", "float", "bool", "none")
+
+
+def _typed(fn, **annotations):
+    """Give a route handler its parameter types as objects: FastAPI reads them to parse the body, and
+    the types come from the serve extra, imported in the function that defines the handler."""
+    fn.__annotations__ = annotations
+    return fn
+
+
+def _routes(app: FastAPI, served: Served) -> None:
+    from fastapi import Request
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+
+    from longboi.serve.schemas import ChatRequest, CompletionRequest
+
+    @app.get("/health")
+    async def health():
+        if served.engine is None:
+            status = "failed" if served.load_error else "loading"
+            return JSONResponse({"status": status, "detail": served.load_error}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(PAGE.read_text())
+
+    @app.get("/v1/models")
+    async def models():
+        engine, _ = served.ready()
+        card = {"id": served.settings.model_name, "object": "model", "created": 0, "owned_by": "longboi"}
+        return {"object": "list", "data": [card | {"max_model_len": engine.max_model_len}]}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(served.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def completions(body, request):
+        return await _completions(served, body, request)
+
+    async def chat(body, request):
+        return await _chat(served, body, request)
+
+    app.post("/v1/completions")(_typed(completions, body=CompletionRequest, request=Request))
+    app.post("/v1/chat/completions")(_typed(chat, body=ChatRequest, request=Request))
+
+    _tokenizer_routes(app, served)
+
+
+def _tokenizer_routes(app: FastAPI, served: Served) -> None:
+    from longboi.serve.schemas import DetokenizeRequest, TokenizeRequest
+
+    async def tokenize(body):
+        engine, tok = served.ready()
+        _check_model(served, body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt or messages", param="prompt")
+        text = body.prompt if body.prompt is not None else _chat_prompt(tok, body.messages, body.add_generation_prompt)
+        ids = tok.encode(text)
+        strs = [tok.decode([i], skip_special_tokens=False) for i in ids]
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+
+    async def detokenize(body):
+        _, tok = served.ready()
+        _check_model(served, body.model)
+        _check_ids(tok, body.tokens, "tokens")
+        return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+
+    app.post("/tokenize")(_typed(tokenize, body=TokenizeRequest))
+    app.post("/detokenize")(_typed(detokenize, body=DetokenizeRequest))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        engine, tok = served.ready()
+        eos = tok.eos_token
+        return {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": eos,
+            "bos_token": eos,
+            "pad_token": None if tok.pad_id is None else tok.decode([tok.pad_id], skip_special_tokens=False),
+            "chat_template": tok.chat_template or CHATML_TEMPLATE,
+            "model_max_length": engine.max_model_len,
+            "vocab_size": tok.vocab_size,
+        }
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def _check_model(served: Served, name: str | None) -> None:
+    if name is not None and name != served.settings.model_name:
+        message = f"model: unknown model {name!r}; this server serves {served.settings.model_name!r}"
+        raise APIError(400, message, param="model", code="model_not_found")
+
+
+def _check_ids(tok: Tokenizer, ids: list[int], param: str) -> None:
+    bad = next((i for i in ids if i >= tok.vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"{param}: token id {bad} is out of range (vocab size {tok.vocab_size})", param=param)
+
+
+def _prompts(prompt, tok: Tokenizer) -> list[tuple[list[int], str | None]]:
+    """The request's prompts as (token ids, original text or None)."""
+    if isinstance(prompt, str):
+        items = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    else:
+        items = list(prompt)
+    if not items:
+        raise APIError(400, "prompt: no prompt given", param="prompt")
+    out = []
+    for item in items:
+        ids = tok.encode(item) if isinstance(item, str) else list(item)
+        if not ids:
+            raise APIError(400, "prompt: a prompt must have at least one token", param="prompt")
+        _check_ids(tok, ids, "prompt")
+        out.append((ids, item if isinstance(item, str) else None))
+    return out
+
+
+def _check_fits(engine: Engine, n_prompt: int, max_tokens: int) -> None:
+    limit = engine.max_model_len
+    if n_prompt > limit:
+        raise APIError(400, f"prompt: {n_prompt} tokens, over the server's max_model_len {limit}", param="prompt")
+    if n_prompt + max_tokens > limit:
+        message = (
+            f"max_tokens: a prompt of {n_prompt} tokens plus max_tokens {max_tokens} is over the server's "
+            f"max_model_len {limit}; ask for at most {limit - n_prompt}"
+        )
+        raise APIError(400, message, param="max_tokens")
+
+
+def _sampling(body: Sampling, tok: Tokenizer, max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    bias = []
+    for key, value in (body.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= tok.vocab_size:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model", param="logit_bias")
+        bias.append((int(key), value))
+    if len(stops) > 16:
+        raise APIError(400, "stop: at most 16 stop strings", param="stop")
+    return SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_k=None if body.top_k <= 0 else body.top_k,
+        top_p=body.top_p,
+        repetition_penalty=body.repetition_penalty,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        stop=stops + stop,
+        seed=body.seed,
+        logit_bias=tuple(bias),
+    )
+
+
+def _check_n(served: Served, n: int, prompts: int) -> None:
+    if n * prompts > served.settings.max_batch:
+        message = f"n: {n} choices x {prompts} prompts is over the server's --max-batch {served.settings.max_batch}"
+        raise APIError(400, message, param="n")
+
+
+# -- running requests --------------------------------------------------------------------------
+
+
+class Pending:
+    """The engine jobs of one HTTP request; their events arrive on an asyncio queue."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.jobs = engine, []
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+
+    def add(self, prompt: list[int], params: SamplingParams, **options) -> Job:
+        index = len(self.jobs)
+
+        def sink(event: Event) -> None:  # engine thread -> event loop
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        job = Job(prompt, params, sink, **options)
+        self.jobs.append(job)
+        return job
+
+    def submit(self) -> None:
+        try:
+            for job in self.jobs:
+                self.engine.submit(job)
+        except QueueFull as e:
+            self.cancel()
+            raise APIError(429, f"server busy: {e}; retry shortly", "rate_limit_error", code="queue_full") from e
+
+    async def events(self) -> AsyncIterator[tuple[int, Event]]:
+        """(job index, event) until every job is done; an engine error becomes a 500."""
+        open_jobs = len(self.jobs)
+        while open_jobs:
+            index, event = await self.queue.get()
+            if event.error:
+                raise APIError(500, event.error, "server_error")
+            if event.done:
+                open_jobs -= 1
+            yield index, event
+
+    def cancel(self) -> None:
+        for job in self.jobs:
+            self.engine.cancel(job)
+
+
+@dataclass
+class ChoiceOut:
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+async def _collect(pending: Pending, request: Request, n: int) -> tuple[dict[int, ChoiceOut], dict, list]:
+    """Run to the end: choices by global index, usage, and each job's prompt token infos."""
+    choices: dict[int, ChoiceOut] = {}
+    prompts: list = [None] * len(pending.jobs)
+    usage = {"prompt_tokens": 0, "completion_tokens": 0}
+    watcher = asyncio.ensure_future(_disconnected(request, pending))
+    try:
+        async for index, ev in pending.events():
+            if ev.prompt is not None:
+                prompts[index] = ev.prompt
+            elif ev.done:
+                usage["prompt_tokens"] += ev.usage[0]
+                usage["completion_tokens"] += ev.usage[1]
+            else:
+                c = choices.setdefault(index * n + ev.index, ChoiceOut())
+                c.text += ev.text
+                c.tokens += ev.tokens
+                c.finish_reason = ev.finish_reason or c.finish_reason
+    finally:
+        watcher.cancel()
+        pending.cancel()
+    return choices, usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}, prompts
+
+
+async def _disconnected(request: Request, pending: Pending) -> None:
+    """A non-streaming client that hangs up frees its rows at once."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.25)
+    pending.cancel()
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _guarded_stream(pending: Pending, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """SSE lines; an engine error mid-stream becomes an error event; a client that goes away
+    cancels its jobs (Starlette cancels this generator on disconnect)."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as e:
+        yield _sse({"error": {"message": e.message, "type": e.type, "param": None, "code": e.code}})
+    finally:
+        pending.cancel()
+    yield "data: [DONE]\n\n"
+
+
+# -- /v1/completions ---------------------------------------------------------------------------
+
+
+async def _completions(served: Served, body: CompletionRequest, request: Request):
+    engine, tok = served.ready()
+    _check_model(served, body.model)
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
+    prompts = _prompts(body.prompt, tok)
+    _check_n(served, body.n, len(prompts))
+    max_tokens = 16 if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens: 0 is only allowed with echo", param="max_tokens")
+    params = _sampling(body, tok, max_tokens)
+    pending = Pending(engine)
+    for ids, _ in prompts:
+        _check_fits(engine, len(ids), max_tokens)
+        scored = body.logprobs if body.echo and body.logprobs is not None else None
+        pending.add(ids, params, n=body.n, logprobs=body.logprobs, prompt_logprobs=scored, ignore_eos=body.ignore_eos)
+    pending.submit()
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.settings.model_name}
+    texts = [text if text is not None else tok.decode(ids, skip_special_tokens=False) for ids, text in prompts]
+    if body.stream:
+        from fastapi.responses import StreamingResponse
+
+        chunks = _stream_completion(pending, body, tok, meta, texts)
+        return StreamingResponse(_guarded_stream(pending, chunks), media_type="text/event-stream")
+    choices, usage, prompt_infos = await _collect(pending, request, body.n)
+    out = []
+    for index in range(len(prompts) * body.n):
+        c, job = choices.get(index, ChoiceOut()), index // body.n
+        prefix = texts[job] if body.echo else ""
+        infos = (prompt_infos[job] or []) + c.tokens if body.echo else c.tokens
+        logprobs = None if body.logprobs is None else _legacy_logprobs(tok, infos, 0)
+        out.append({"index": index, "text": prefix + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
+    return {"object": "text_completion", **meta, "choices": out, "usage": usage}
+
+
+async def _stream_completion(pending: Pending, body: CompletionRequest, tok: Tokenizer, meta: dict, texts: list):
+    base = {"object": "text_completion", **meta}
+    offsets: dict[int, int] = {}
+    usage = [0, 0]
+    if body.echo and body.logprobs is None:  # the prompt first, as its own chunk per choice
+        for index in range(len(texts) * body.n):
+            offsets[index] = len(texts[index // body.n])
+            yield _sse(base | {"choices": [_text_choice(index, texts[index // body.n], None, None)]})
+    async for job, ev in pending.events():
+        if ev.done:
+            usage = [usage[0] + ev.usage[0], usage[1] + ev.usage[1]]
+            continue
+        indices = range(job * body.n, (job + 1) * body.n) if ev.prompt is not None else [job * body.n + ev.index]
+        for index in indices:
+            text = texts[job] if ev.prompt is not None else ev.text
+            infos = ev.prompt if ev.prompt is not None else ev.tokens
+            start = offsets.get(index, 0)
+            logprobs = None if body.logprobs is None else _legacy_logprobs(tok, infos, start)
+            offsets[index] = start + len(text)
+            yield _sse(base | {"choices": [_text_choice(index, text, logprobs, ev.finish_reason)]})
+    if body.stream_options and body.stream_options.include_usage:
+        yield _sse(base | {"choices": [], "usage": _usage(*usage)})
+
+
+def _text_choice(index: int, text: str, logprobs, finish_reason) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _legacy_logprobs(tok: Tokenizer, infos: list[TokenInfo], start: int) -> dict:
+    """OpenAI's legacy completion logprobs; each top_logprobs entry also holds the chosen token."""
+    tokens, offsets, top = [], [], []
+    for info in infos:
+        text = tok.decode([info.id], skip_special_tokens=False)
+        tokens.append(text)
+        offsets.append(start)
+        start += len(text)
+        if info.logprob is None:
+            top.append(None)
+            continue
+        alternatives = {tok.decode([i], skip_special_tokens=False): lp for i, lp in info.top}
+        top.append(alternatives | {text: info.logprob})
+    return {"tokens": tokens, "token_logprobs": [i.logprob for i in infos], "top_logprobs": top, "text_offset": offsets}
+
+
+# -- /v1/chat/completions ----------------------------------------------------------------------
+
+
+def _chat_prompt(tok: Tokenizer, messages: list[Message], add_generation_prompt: bool = True) -> str:
+    turns = []
+    for m in messages:
+        content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        turns.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return render_chat(turns, tok.chat_template, add_generation_prompt)
+
+
+async def _chat(served: Served, body: ChatRequest, request: Request):
+    engine, tok = served.ready()
+    _check_model(served, body.model)
+    _check_n(served, body.n, 1)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
+    ids = tok.encode(_chat_prompt(tok, body.messages))
+    asked = body.max_completion_tokens or body.max_tokens
+    max_tokens = asked if asked is not None else max(engine.max_model_len - len(ids), 1)
+    _check_fits(engine, len(ids), max_tokens)
+    end_of_turn = () if tok.chat_template else ("<|im_end|>",)  # as in `longboi chat`
+    pending = Pending(engine)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    pending.add(
+        ids, _sampling(body, tok, max_tokens, end_of_turn), n=body.n, logprobs=logprobs, ignore_eos=body.ignore_eos
+    )
+    pending.submit()
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.settings.model_name}
+    if body.stream:
+        from fastapi.responses import StreamingResponse
+
+        chunks = _stream_chat(pending, body, tok, meta)
+        return StreamingResponse(_guarded_stream(pending, chunks), media_type="text/event-stream")
+    choices, usage, _ = await _collect(pending, request, body.n)
+    out = []
+    for index in range(body.n):
+        c = choices.get(index, ChoiceOut())
+        message = {"role": "assistant", "content": c.text}
+        lp = {"content": _chat_logprobs(tok, c.tokens)} if body.logprobs else None
+        out.append({"index": index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
+    return {"object": "chat.completion", **meta, "choices": out, "usage": usage}
+
+
+async def _stream_chat(pending: Pending, body: ChatRequest, tok: Tokenizer, meta: dict):
+    base = {"object": "chat.completion.chunk", **meta}
+    for index in range(body.n):  # the role first, as OpenAI does
+        delta = {"role": "assistant", "content": ""}
+        yield _sse(base | {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
+    usage = [0, 0]
+    async for _, ev in pending.events():
+        if ev.done:
+            usage = [usage[0] + ev.usage[0], usage[1] + ev.usage[1]]
+            continue
+        lp = {"content": _chat_logprobs(tok, ev.tokens)} if body.logprobs and ev.tokens else None
+        delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
+        choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
+        yield _sse(base | {"choices": [choice]})
+    if body.stream_options and body.stream_options.include_usage:
+        yield _sse(base | {"choices": [], "usage": _usage(*usage)})
+
+
+def _chat_logprobs(tok: Tokenizer, infos: list[TokenInfo]) -> list[dict]:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tok.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [entry(i.id, i.logprob) | {"top_logprobs": [entry(a, lp) for a, lp in i.top]} for i in infos]

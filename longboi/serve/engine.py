@@ -1,0 +1,370 @@
+"""Continuous batching: one scheduler thread owns the model and serves many requests at once.
+
+Between decode steps the scheduler admits waiting requests and prefills them (a long prompt in
+chunks of `prefill_chunk` tokens, so running sequences keep decoding meanwhile), then decodes every
+running sequence as one batch on a SlotCache (each row at its own length) and retires the finished
+ones. A sequence's numbers do not depend on the batch: its prompt is prefilled alone, its decode
+row attends only to its own keys with its own ALiBi offsets, and a seeded sequence draws from its
+own generator. The HTTP layer talks to the engine through `submit`, `cancel` and the events each
+request's `sink` receives (called on the engine thread; it must not block).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from longboi.generate import SamplingParams, _RowText, pick, process_logits
+from longboi.model import KVCache, MPTForCausalLM, SlotCache
+from longboi.serve.metrics import Metrics
+from longboi.tokenizer import Tokenizer
+
+log = logging.getLogger("longboi.serve")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the queue holds (the server answers 429)."""
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """One token and, when asked for, its log-probability and the most likely alternatives."""
+
+    id: int
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Event:
+    """What a request's sink receives. `text` is final (a stop string cannot take it back);
+    `tokens` are the tokens sampled since the last event; `finish_reason` ends choice `index`.
+    The last event of a request has `done` set, after every choice finished; `error` fails it."""
+
+    index: int = 0
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt: list[TokenInfo] | None = None  # prompt tokens with log-probabilities (echo), sent first
+    done: bool = False
+    error: str | None = None
+    usage: tuple[int, int] | None = None  # (prompt tokens, generated tokens), with done
+
+
+@dataclass
+class Job:
+    """One request: a tokenized prompt, n choices sampled with `params`."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[Event], None]
+    n: int = 1
+    logprobs: int | None = None  # alternatives per generated token (0: only the chosen one's); None: off
+    prompt_logprobs: int | None = None  # score the prompt too (its first token has none)
+    ignore_eos: bool = False
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    first_token_at: float | None = None
+    open_choices: int = 0
+    generated: int = 0
+
+
+class Sequence:
+    """One choice of a job while it runs: its tokens, text, generator and KV-cache row."""
+
+    def __init__(self, job: Job, index: int, tok: Tokenizer, vocab: int):
+        self.job, self.index, self.params = job, index, job.params
+        self.tokens: list[int] = []
+        self.pending: list[TokenInfo] = []  # sampled, not yet sent (their text is held back)
+        self.text = _RowText(tok, job.params.stop)
+        seed = job.params.seed
+        self.generator = None if seed is None else torch.Generator().manual_seed(seed + index)
+        self.finished = False
+        self.counts = None
+        if job.params.penalized:  # the prompt counts as seen (as in generate and transformers)
+            self.counts = torch.zeros(vocab).index_add_(0, torch.tensor(job.prompt), torch.ones(len(job.prompt)))
+
+    @property
+    def length(self) -> int:
+        return len(self.job.prompt) + len(self.tokens)
+
+
+@dataclass
+class _Prefill:
+    """A job whose prompt is going through the model, chunk by chunk."""
+
+    job: Job
+    cache: KVCache
+    done: int = 0
+    prompt_info: list[TokenInfo] = field(default_factory=list)
+
+
+class Engine:
+    """The scheduler. `max_batch` sequences decode together; `max_queue` jobs may wait for a slot."""
+
+    def __init__(
+        self,
+        model: MPTForCausalLM,
+        tok: Tokenizer,
+        max_batch: int = 64,
+        max_queue: int = 256,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 256,
+        metrics: Metrics | None = None,
+    ):
+        self.model, self.tok = model.eval(), tok
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.max_model_len = max_model_len or model.config.max_seq_len
+        self.metrics = metrics or Metrics()
+        self.vocab = tok.vocab_size  # ids past it (the padded vocab) are never sampled
+        self.cache = SlotCache(model.config.n_layers, max_batch)
+        self.waiting: deque[Job] = deque()
+        self.prefilling: deque[_Prefill] = deque()
+        self.running: list[Sequence] = []  # running[i] decodes in cache row i
+        self.wake = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="longboi-engine", daemon=True)
+
+    # -- the HTTP side ---------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        self.thread.start()
+        return self
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise QueueFull when `max_queue` jobs already wait."""
+        if not job.prompt or job.n < 1:
+            raise ValueError("a job needs at least one prompt token and one choice")
+        with self.wake:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
+            self.waiting.append(job)
+            self.wake.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Forget a job (its client went away): its rows are freed before the next decode step."""
+        with self.wake:
+            job.cancelled = True
+            self.wake.notify()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        self.thread.join(timeout=30)
+
+    @property
+    def load(self) -> tuple[int, int]:
+        """(running sequences incl. prefilling jobs, waiting jobs), for metrics and health."""
+        return len(self.running) + len(self.prefilling), len(self.waiting)
+
+    # -- the scheduler thread --------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self.wake:
+                while not (self.stopping or self.waiting or self.prefilling or self.running):
+                    self.wake.wait()
+                if self.stopping:
+                    break
+            try:
+                self._step()
+            except Exception as e:  # a bug or out-of-memory must not take the server down
+                log.exception("engine step failed")
+                self._fail_all(f"internal error: {type(e).__name__}: {e}")
+        self._fail_all("server shutting down")
+
+    def _step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        if self.running:
+            self._decode()
+        elif not self.prefilling:
+            self.cache.release()  # idle: give the memory back
+
+    def _drop_cancelled(self) -> None:
+        with self.wake:
+            self.waiting = deque(j for j in self.waiting if not j.cancelled)
+        self.prefilling = deque(p for p in self.prefilling if not p.job.cancelled)
+        for row in reversed(range(len(self.running))):
+            if self.running[row].job.cancelled:
+                self._retire(row)
+
+    def _admit(self) -> None:
+        """Move waiting jobs to prefill while their choices fit in free rows."""
+        reserved = len(self.running) + sum(p.job.n for p in self.prefilling)
+        with self.wake:
+            while self.waiting and reserved + self.waiting[0].n <= self.max_batch:
+                job = self.waiting.popleft()
+                reserved += job.n
+                self.prefilling.append(_Prefill(job, self.model.new_cache(len(job.prompt))))
+
+    def _prefill(self) -> None:
+        """Spend up to `prefill_chunk` prompt tokens on the jobs at the head of the prefill line."""
+        budget = self.prefill_chunk
+        while self.prefilling and budget > 0:
+            p = self.prefilling[0]
+            end = min(len(p.job.prompt), p.done + budget)
+            logits = self._prefill_chunk(p, end)
+            budget -= end - p.done
+            p.done = end
+            if end == len(p.job.prompt):
+                self.prefilling.popleft()
+                self._start(p, logits)
+
+    def _prefill_chunk(self, p: _Prefill, end: int) -> torch.Tensor:
+        """Run prompt tokens [done, end) through the model; return the last position's (V,) logits."""
+        ids = torch.tensor([p.job.prompt[p.done : end]])
+        keep = 0 if p.job.prompt_logprobs is not None else 1
+        logits = self.model(ids, cache=p.cache, logits_to_keep=keep)[0]  # (T or 1, V)
+        if p.job.prompt_logprobs is not None:
+            if p.done == 0:
+                p.prompt_info.append(TokenInfo(p.job.prompt[0]))  # nothing predicts the first token
+            targets = p.job.prompt[p.done + 1 : end + 1]  # the next chunk's first token is scored here
+            p.prompt_info += self._scored(logits[: len(targets)], targets, p.job.prompt_logprobs)
+        self.metrics.count("prompt_tokens", end - p.done)
+        return logits[-1]
+
+    def _start(self, p: _Prefill, logits: torch.Tensor) -> None:
+        """A prompt is in: sample each choice's first token and give each choice a cache row."""
+        job = p.job
+        job.open_choices = job.n
+        if p.prompt_info:
+            job.sink(Event(prompt=p.prompt_info))
+        seqs = [Sequence(job, i, self.tok, logits.shape[-1]) for i in range(job.n)]
+        if job.params.max_new_tokens == 0:  # echo-only scoring: nothing to generate
+            for s in seqs:
+                self._finish_choice(s, "length")
+            return
+        self.cache.reserve(len(job.prompt) + 1, like=p.cache.keys)
+        for s in seqs:
+            self.cache.insert(len(self.running), p.cache)
+            self.running.append(s)
+        self._advance(seqs, logits.repeat(len(seqs), 1))
+
+    def _decode(self) -> None:
+        """One token for every running sequence, in one forward."""
+        cache, seqs = self.cache, self.running
+        cache.rows = len(seqs)
+        cache.reserve(cache.length + 1)
+        ids = torch.tensor([[s.tokens[-1]] for s in seqs])
+        logits = self.model(ids, cache=cache, logits_to_keep=1)[:, -1]  # (rows, V)
+        self.metrics.observe("batch_size", len(seqs))
+        self._advance(list(seqs), logits)
+
+    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Sample one token per sequence from its (V,) logits row, record it, emit text, retire."""
+        logits = logits.float()
+        allowed = logits.clone()
+        allowed[:, self.vocab :] = float("-inf")  # the padded vocab is never sampled
+        params = [s.params for s in seqs]
+        counts = None
+        if any(s.counts is not None for s in seqs):
+            counts = torch.stack([s.counts if s.counts is not None else torch.zeros(logits.shape[-1]) for s in seqs])
+        tokens = pick(process_logits(allowed, params, counts), params, [s.generator for s in seqs]).tolist()
+        infos = self._token_infos(seqs, logits, tokens)
+        now = time.monotonic()
+        for s, token, info in zip(seqs, tokens, infos):
+            self._record(s, token, info, now)
+        for row in reversed(range(len(self.running))):
+            if self.running[row].finished:
+                self._retire(row)
+
+    def _token_infos(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[TokenInfo]:
+        """Log-probabilities of the sampled tokens under the model (before any sampling filter), for
+        the rows that asked for them."""
+        wanted = [i for i, s in enumerate(seqs) if s.job.logprobs is not None]
+        infos = [TokenInfo(t) for t in tokens]
+        if wanted:
+            scored = self._scored(
+                logits[wanted], [tokens[i] for i in wanted], max(seqs[i].job.logprobs for i in wanted)
+            )
+            for i, info in zip(wanted, scored):
+                infos[i] = TokenInfo(info.id, info.logprob, info.top[: seqs[i].job.logprobs])
+        return infos
+
+    def _scored(self, logits: torch.Tensor, targets: list[int], top: int) -> list[TokenInfo]:
+        """(N, V) logits -> each target's log-probability and the `top` most likely alternatives.
+
+        Over the whole (padded) vocabulary, as `longboi eval` and transformers score; alternatives come
+        from the tokenizer's ids only."""
+        logprobs = logits.float().log_softmax(dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(targets)[:, None]).squeeze(1).tolist()
+        alternatives = [[]] * len(targets)
+        if top > 0:
+            values, ids = logprobs[:, : self.vocab].topk(top, dim=-1)
+            alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+        return [TokenInfo(t, lp, tuple(a)) for t, lp, a in zip(targets, chosen, alternatives)]
+
+    def _record(self, s: Sequence, token: int, info: TokenInfo, now: float) -> None:
+        job = s.job
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.metrics.observe("time_to_first_token_seconds", now - job.submitted)
+        s.tokens.append(token)
+        job.generated += 1
+        self.metrics.count("generation_tokens", 1)
+        if s.counts is not None:
+            s.counts[token] += 1
+        reason = None
+        if token == self.tok.eos_id and not job.ignore_eos:
+            reason = "stop"
+        else:
+            s.text.push(token)
+            if s.text.done:
+                reason = "stop"  # a stop string
+            elif len(s.tokens) >= s.params.max_new_tokens or s.length >= self.max_model_len:
+                reason = "length"
+        s.pending.append(info)
+        text = s.text.take_printable(final=reason is not None)
+        if text or reason is not None or info.logprob is not None:  # else the tokens wait for their text
+            self._emit(job, Event(s.index, text, s.pending))
+            s.pending = []
+        if reason is not None:
+            self._finish_choice(s, reason)
+
+    def _finish_choice(self, s: Sequence, reason: str) -> None:
+        s.finished = True
+        job = s.job
+        self._emit(job, Event(s.index, finish_reason=reason))
+        job.open_choices -= 1
+        if job.open_choices == 0:
+            self.metrics.observe("e2e_request_latency_seconds", time.monotonic() - job.submitted)
+            self._emit(job, Event(done=True, usage=(len(job.prompt), job.generated)))
+
+    def _retire(self, row: int) -> None:
+        """Free a cache row: the last running sequence moves into it, so rows stay contiguous."""
+        last = len(self.running) - 1
+        if row != last:
+            self.cache.move(last, row)
+            self.running[row] = self.running[last]
+        self.running.pop()
+        self.cache.rows = len(self.running)
+
+    def _emit(self, job: Job, event: Event) -> None:
+        if job.cancelled:
+            return
+        try:
+            job.sink(event)
+        except Exception:  # a broken sink must not stop the other requests
+            log.exception("request sink failed")
+            job.cancelled = True
+
+    def _fail_all(self, message: str) -> None:
+        with self.wake:
+            jobs = list(self.waiting)
+            self.waiting.clear()
+        jobs += [p.job for p in self.prefilling] + list({id(s.job): s.job for s in self.running}.values())
+        self.prefilling.clear()
+        self.running.clear()
+        self.cache.release()
+        for job in jobs:
+            self._emit(job, Event(done=True, error=message))
