@@ -1,0 +1,241 @@
+"""Serving under concurrency: `longboi serve` (continuous batching) against the one-at-a-time server
+and against transformers' static batching, on the same prompts.
+
+    python bench/serve.py                   # tiny and mpt-125m (random weights: the speed is the same)
+    python bench/serve.py --models tiny --concurrency 1 64 --out /tmp/serve.json
+
+For each model and concurrency C, C closed-loop clients (async httpx, streaming, loopback) send
+`--requests-per-client` requests each (at least 8 in all) with `--max-tokens` new tokens (ignore_eos,
+so every request does the same work), prompts cut from TinyStories. Measured per run: aggregate
+generated tokens/s, p50/p95 time to first token and end-to-end latency, errors. Peers in the same run:
+  naive:  the same server with --max-batch 1 (one request at a time: what every tutorial server does);
+  hf:     transformers MptForCausalLM.generate on the same prompts in static batches of C (greedy,
+          exactly max_tokens new tokens); its TTFT is the batch's prefill, its latency the batch's.
+Prints the table and writes JSON with the CPU capability.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+STORIES = SHARED / "text" / "tinystories_valid_head.txt"
+
+
+def prompts(count: int, tokens: int) -> list[list[int]]:
+    from longboi.tokenizer import Tokenizer
+
+    tok = Tokenizer(TOKENIZER)
+    source = STORIES if STORIES.is_file() else next((SHARED / "text").glob("*.txt"))
+    ids = tok.encode(source.read_text()[:200_000])
+    return [ids[i * tokens : (i + 1) * tokens] for i in range(count)]
+
+
+class Server:
+    def __init__(self, ckpt: Path, *args: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "longboi", "serve", str(ckpt), "--port", str(self.port), *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=60)
+
+
+async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> dict:
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start, first, tokens = time.perf_counter(), None, 0
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"error": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
+
+
+async def load(url: str, work: list[list[int]], concurrency: int, max_tokens: int, timeout: float) -> dict:
+    import httpx
+
+    queue = list(work)
+    results: list[dict] = []
+
+    async def client_loop(client):
+        while queue:
+            prompt = queue.pop()
+            try:
+                results.append(await one_request(client, url, prompt, max_tokens))
+            except Exception as e:  # noqa: BLE001 - an error is a result to count
+                results.append({"error": type(e).__name__})
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    start = time.perf_counter()
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return summarize(results, time.perf_counter() - start)
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    ok = [r for r in results if "error" not in r]
+    ttft = sorted(r["ttft"] for r in ok)
+    latency = sorted(r["latency"] for r in ok)
+    q = lambda xs, p: xs[min(len(xs) - 1, int(p * len(xs)))] if xs else float("nan")  # noqa: E731
+    tokens = sum(r["tokens"] for r in ok)
+    return {
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50": q(ttft, 0.5),
+        "ttft_p95": q(ttft, 0.95),
+        "latency_p50": q(latency, 0.5),
+        "latency_p95": q(latency, 0.95),
+    }
+
+
+def hf_static(hf_dir: Path, work: list[list[int]], batch: int, max_tokens: int) -> dict:
+    """transformers' generate in static batches of `batch` prompts (all prompts have one length)."""
+    import torch
+    from transformers import MptForCausalLM
+
+    model = MptForCausalLM.from_pretrained(hf_dir).eval()
+    ttft, latency, tokens = [], [], 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(work), batch):
+            ids = torch.tensor(work[i : i + batch])
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+            t1 = time.perf_counter()
+            out = model.generate(
+                ids, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=0
+            )
+            t2 = time.perf_counter()
+            ttft += [t1 - t0] * len(ids)
+            latency += [(t2 - t1)] * len(ids)
+            tokens += (out.shape[1] - ids.shape[1]) * len(ids)
+    wall = time.perf_counter() - start - sum(ttft) / max(batch, 1)  # the prefill-only probe is not part of the work
+    results = [{"ttft": a, "latency": b, "tokens": 0} for a, b in zip(ttft, latency)]
+    return summarize(results, wall) | {"tokens": tokens, "tokens_per_s": tokens / wall}
+
+
+def bench_model(preset: str, args, workdir: Path) -> list[dict]:
+    from longboi import cli
+    from longboi.export.hf import export_hf
+
+    ckpt = workdir / preset
+    cli.init(preset, str(ckpt), tokenizer=str(TOKENIZER))
+    hf_dir = export_hf(ckpt, workdir / f"{preset}-hf")
+    max_tokens = args.max_tokens[preset] if isinstance(args.max_tokens, dict) else args.max_tokens
+    rows = []
+    for concurrency in args.concurrency:
+        work = prompts(max(8, concurrency * args.requests_per_client), args.prompt_tokens)
+        for system, flags in (("longboi", ["--max-batch", str(max(concurrency, 1))]), ("naive", ["--max-batch", "1"])):
+            server = Server(ckpt, *flags, "--max-queue", "1024")
+            try:
+                asyncio.run(load(server.url, work[:1], 1, 2, args.timeout))  # warm-up
+                r = asyncio.run(load(server.url, work, concurrency, max_tokens, args.timeout))
+            finally:
+                server.stop()
+            rows.append({"model": preset, "system": system, "concurrency": concurrency, **r})
+            print_row(rows[-1])
+        rows.append(
+            {
+                "model": preset,
+                "system": "hf",
+                "concurrency": concurrency,
+                **hf_static(hf_dir, work, concurrency, max_tokens),
+            }
+        )
+        print_row(rows[-1])
+    return rows
+
+
+def print_row(r: dict) -> None:
+    print(
+        f"{r['model']:<9} {r['system']:<8} {r['concurrency']:>4} {r['requests']:>5} {r['errors']:>4} "
+        f"{r['tokens_per_s']:>10.1f} {r['ttft_p50']:>8.3f} {r['ttft_p95']:>8.3f} {r['latency_p50']:>8.2f} "
+        f"{r['latency_p95']:>8.2f}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    import torch
+
+    from longboi.hardware import cpu_capability
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["tiny", "mpt-125m"])
+    parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--requests-per-client", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: 64 for tiny, 32 for the others")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
+    args = parser.parse_args()
+    if args.max_tokens is None:
+        args.max_tokens = {m: 64 if m == "tiny" else 32 for m in args.models}
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(f"CPU: {cpu_capability()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"{'model':<9} {'system':<8} {'conc':>4} {'reqs':>5} {'errs':>4} {'tok/s':>10} {'ttft50':>8} "
+        f"{'ttft95':>8} {'lat50':>8} {'lat95':>8}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = [row for preset in args.models for row in bench_model(preset, args, Path(tmp))]
+    ratios = {}
+    for r in rows:
+        if r["system"] == "longboi":
+            peers = {p["system"]: p for p in rows if p["model"] == r["model"] and p["concurrency"] == r["concurrency"]}
+            ratios[f"{r['model']}@{r['concurrency']}"] = {
+                "vs_naive": r["tokens_per_s"] / peers["naive"]["tokens_per_s"],
+                "vs_hf_static": r["tokens_per_s"] / peers["hf"]["tokens_per_s"],
+            }
+    for key, v in ratios.items():
+        print(f"{key}: {v['vs_naive']:.1f}x one-at-a-time, {v['vs_hf_static']:.2f}x transformers static batching")
+    meta = {"cpu": cpu_capability(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
