@@ -17,6 +17,8 @@ from typing import Literal
 from longboi.config import Precision
 from longboi.errors import UserError
 
+Quantize = Literal["none", "int8"]  # int8: longboi.quantize (weights only; activations stay fp32)
+
 
 def info(target: str, seq_len: int | None = None) -> dict:
     """Parameter count, FLOPs per token and training memory of a preset or checkpoint.
@@ -85,6 +87,7 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
     dtype: Precision = "auto",
+    quantize: Quantize = "none",
     allow_pickle: bool = False,
 ) -> str:
     """Generate a completion of a prompt, streaming it to stdout.
@@ -101,12 +104,13 @@ def generate(
         stop: stop when the text contains one of these strings (repeatable).
         seed: random seed, for reproducible sampling.
         dtype: weights/compute dtype: auto (bf16 where the device computes it natively, else fp32), fp32, bf16.
+        quantize: int8: int8 weights for the linear layers and LM head (CPU decoding, ~3x fp32 on mpt-125m).
         allow_pickle: allow loading .bin/.pt weights (pickle can run code: trusted files only).
     """
     from longboi.generate import SamplingParams, stream
 
     text = _read_prompt(prompt, prompt_file)
-    model, tok = _load(ckpt, dtype, allow_pickle)
+    model, tok = _load(ckpt, dtype, allow_pickle, quantize)
     _note_long_prompt(model.config, len(tok.encode(text)))
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
@@ -247,6 +251,7 @@ def chat(
     top_p: float | None = None,
     seed: int | None = None,
     dtype: Precision = "auto",
+    quantize: Quantize = "none",
 ) -> None:
     """Chat with a checkpoint: a REPL on a terminal, or one user message per stdin line for scripting.
 
@@ -259,11 +264,12 @@ def chat(
         top_p: nucleus sampling threshold.
         seed: random seed, for reproducible replies.
         dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
+        quantize: int8: int8 weights for the linear layers and LM head (faster CPU decoding).
     """
     from longboi.chat import ChatSession
     from longboi.generate import SamplingParams
 
-    model, tok = _load(ckpt, dtype)
+    model, tok = _load(ckpt, dtype, quantize=quantize)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     session = ChatSession(model, tok, params, system)
     interactive = sys.stdin.isatty()
@@ -401,6 +407,7 @@ def perplexity(
     max_tokens: int | None = None,
     batch_size: int = 4,
     dtype: Precision = "auto",
+    quantize: Quantize = "none",
 ) -> dict:
     """Perplexity and bits per byte of a checkpoint on a text file or prepared dataset split.
 
@@ -412,11 +419,12 @@ def perplexity(
         max_tokens: score at most this many tokens.
         batch_size: windows per forward pass.
         dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
+        quantize: int8: score the int8-weight model (to check what quantization costs).
     """
     from longboi.eval.perplexity import load_tokens
     from longboi.eval.perplexity import perplexity as run
 
-    model, tok = _load(ckpt, dtype)
+    model, tok = _load(ckpt, dtype, quantize=quantize)
     r = run(model, tok, load_tokens(source, tok), seq_len or model.config.max_seq_len, stride, batch_size, max_tokens)
     print(
         f"{source}: loss {r.loss:.4f} nats/token, perplexity {r.perplexity:.2f}, {r.bits_per_byte:.4f} bits/byte "
@@ -436,6 +444,7 @@ def serve(
     dtype: Precision = "auto",
     served_model_name: str | None = None,
     prefill_chunk: int = 256,
+    quantize: Quantize = "none",
 ) -> None:
     """Serve a checkpoint over the OpenAI API (completions, chat, streaming) with continuous batching,
     plus a chat page at /. Needs the serve extra: pip install 'longboi[serve]'. Ctrl-C drains and exits.
@@ -453,6 +462,7 @@ def serve(
         dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
         served_model_name: the model name clients send (default: the checkpoint directory's name).
         prefill_chunk: prompt tokens prefilled between two decode steps (long prompts go in chunks).
+        quantize: int8: int8 weights for the linear layers and LM head (more tokens/s on a CPU).
     """
     import os
 
@@ -472,7 +482,7 @@ def serve(
     key = api_key or os.environ.get("LONGBOI_API_KEY") or None
     name = served_model_name or Path(ckpt).resolve().name
     settings = Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk)
-    app = create_app(settings, lambda: _load_for_serving(source, dtype))
+    app = create_app(settings, lambda: _load_for_serving(source, dtype, quantize))
     print(
         f"longboi serve: http://{host}:{port} (chat page at /, OpenAI API at /v1) model {name!r} from {source}; "
         f"max_batch {max_batch}, max_queue {max_queue}, max_model_len {limit}, "
@@ -518,15 +528,15 @@ def _serving_length(source: Path, max_model_len: int | None) -> int:
     return max_model_len
 
 
-def _load_for_serving(source: Path, dtype: Precision):
+def _load_for_serving(source: Path, dtype: Precision, quantize: Quantize = "none"):
     """(model, tokenizer) for the server, a LoRA adapter merged onto its base."""
     if not (source / "adapter_config.json").is_file():
-        return _load(str(source), dtype)
+        return _load(str(source), dtype, quantize=quantize)
     from longboi.lora import load_adapter, merge
 
     model, tok = _load(str(_adapter_base(source)), "fp32")
     model = merge(load_adapter(model, source))
-    return model.to(_resolve_dtype(dtype)), tok
+    return (_int8(model, dtype) if quantize == "int8" else model.to(_resolve_dtype(dtype))), tok
 
 
 def _resolve_dtype(dtype: Precision):
@@ -571,8 +581,8 @@ def _config_of(target: str):
     return load_config(target)
 
 
-def _load(ckpt: str, dtype: Precision, allow_pickle: bool = False):
-    """A checkpoint's model (in the resolved precision, printed once) and its tokenizer."""
+def _load(ckpt: str, dtype: Precision, allow_pickle: bool = False, quantize: Quantize = "none"):
+    """A checkpoint's model (in the resolved precision, printed once; int8 weights if asked) and its tokenizer."""
     import torch
 
     from longboi.checkpoint import load_model, load_tokenizer
@@ -581,8 +591,20 @@ def _load(ckpt: str, dtype: Precision, allow_pickle: bool = False):
     tok = load_tokenizer(ckpt)
     if tok is None:
         raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
+    if quantize == "int8":
+        return _int8(load_model(ckpt, allow_pickle=allow_pickle), dtype), tok
     choice = resolve_precision(dtype, torch.device("cpu"))
     return load_model(ckpt, allow_pickle=allow_pickle, dtype=choice.dtype), tok
+
+
+def _int8(model, dtype: Precision):
+    """int8 weights (longboi.quantize: dynamic quantization, measured fastest on CPU); activations stay fp32."""
+    from longboi.quantize import quantize_int8
+
+    if dtype == "bf16":
+        raise UserError("--quantize int8 computes activations in fp32: use --dtype auto or fp32 with it")
+    print("precision: int8 weights (linear layers and LM head), fp32 activations", file=sys.stderr)
+    return quantize_int8(model)
 
 
 def _note_long_prompt(cfg, n_prompt: int) -> None:

@@ -565,6 +565,9 @@ class MPTForCausalLM(nn.Module):
         self.transformer = MPTModel(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # Inference may swap the head's matmul for another module (int8 weights: longboi.quantize);
+        # None computes it from head_weight, which training always does.
+        self.head_proj: nn.Module | None = None
         self.apply(self._init_module)
 
     def forward(
@@ -603,7 +606,7 @@ class MPTForCausalLM(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) hidden states -> (..., vocab) logits. Separate so a loss can run it in chunks."""
-        logits = F.linear(h, self.head_weight)
+        logits = self.head_proj(h) if self.head_proj is not None else F.linear(h, self.head_weight)
         return logits * self.config.logit_scale if self.config.logit_scale is not None else logits
 
     @property
