@@ -129,17 +129,33 @@ def generate(
     return "".join(pieces)
 
 
-def convert(src: str, dst: str, *, to: Literal["hf", "longboi"], allow_pickle: bool = False) -> Path:
-    """Convert a checkpoint between longboi and Hugging Face transformers' MPT.
+def convert(
+    src: str,
+    dst: str,
+    *,
+    to: Literal["hf", "longboi", "gguf"],
+    outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f32",
+    allow_pickle: bool = False,
+) -> Path:
+    """Convert a checkpoint between longboi and Hugging Face transformers' MPT, or to GGUF for llama.cpp.
 
     Args:
         src: source directory (longboi checkpoint, or an HF MPT directory saved by transformers).
-        to: target format: "hf" (loads with MptForCausalLM.from_pretrained) or "longboi".
-        dst: directory to write.
+        to: target format: "hf" (loads with MptForCausalLM.from_pretrained), "longboi", or "gguf" (llama.cpp's mpt).
+        dst: directory to write (for gguf: the .gguf file).
+        outtype: gguf weight type: f32, f16, bf16 or q8_0 (norms stay f32).
         allow_pickle: allow reading .bin/.pt weights from src (pickle can run code: trusted files only).
     """
     from longboi.export.hf import export_hf, import_checkpoint
 
+    if to == "gguf":
+        from longboi.export.gguf import export_gguf
+
+        if not (Path(src) / "config.json").is_file():
+            raise UserError(f"{src}: not a checkpoint directory (no config.json)")
+        path = export_gguf(src, dst, outtype)
+        print(f"wrote {path} ({outtype})", file=sys.stderr)
+        return path
     path = (export_hf if to == "hf" else import_checkpoint)(src, dst, allow_pickle=allow_pickle)
     print(f"wrote {path}", file=sys.stderr)
     return path
