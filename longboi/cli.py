@@ -599,18 +599,14 @@ def _config_of(target: str):
 
 def _load(ckpt: str, dtype: Precision, allow_pickle: bool = False, quantize: Quantize = "none"):
     """A checkpoint's model (in the resolved precision, printed once; int8 weights if asked) and its tokenizer."""
-    import torch
-
     from longboi.checkpoint import load_model, load_tokenizer
-    from longboi.hardware import resolve_precision
 
     tok = load_tokenizer(ckpt)
     if tok is None:
         raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
     if quantize == "int8":
         return _int8(load_model(ckpt, allow_pickle=allow_pickle), dtype), tok
-    choice = resolve_precision(dtype, torch.device("cpu"))
-    return load_model(ckpt, allow_pickle=allow_pickle, dtype=choice.dtype), tok
+    return load_model(ckpt, allow_pickle=allow_pickle, dtype=_resolve_dtype(dtype)), tok
 
 
 def _int8(model, dtype: Precision):

@@ -435,6 +435,21 @@ def test_engine_batch_of_64_equals_each_alone_and_generate(tokenizer_path, alibi
         engine.stop()
 
 
+def test_engine_penalties_count_the_prompt_as_generate_does(tokenizer_path):
+    tok = Tokenizer(tokenizer_path)
+    model = build(small_config(max_seq_len=128), seed=3)
+    prompt = tok.encode("the the the cat the cat")
+    params = SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.5, frequency_penalty=0.5)
+    plain = SamplingParams(max_new_tokens=12, temperature=0)
+    engine = Engine(model, tok).start()
+    try:
+        penalized, unpenalized = run_jobs(engine, [(prompt, params), (prompt, plain)])
+    finally:
+        engine.stop()
+    reference = torch.stack(list(generate_ids(model, [prompt], params, None, tok.vocab_size)), 1)[0].tolist()
+    assert penalized == reference and penalized != unpenalized
+
+
 def test_engine_streams_whole_utf8_characters(tokenizer_path):
     """A real model whose weights make it answer a with b, b with c and c with a, where a, b, c are the
     three byte-level tokens of one emoji: the text events never hold a third of a character."""

@@ -55,7 +55,7 @@ def export_gguf(src: str | Path, out: str | Path, outtype: OutType = "f32", chec
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(out), "mpt")
-    _metadata(writer, cfg, Path(src).resolve().name, outtype)
+    _metadata(writer, cfg, Path(src).resolve().name)
     _vocabulary(writer, gguf, tok, cfg.vocab_size)
     for name, tensor in _tensors(model):
         _add_tensor(writer, gguf, name, tensor, outtype)
@@ -74,7 +74,7 @@ def _gguf():
     return gguf
 
 
-def _metadata(writer, cfg: ModelConfig, name: str, outtype: OutType) -> None:
+def _metadata(writer, cfg: ModelConfig, name: str) -> None:
     writer.add_name(name)
     writer.add_context_length(cfg.max_seq_len)
     writer.add_embedding_length(cfg.d_model)

@@ -50,18 +50,17 @@ class Settings:
 
 @dataclass
 class Served:
-    """What the routes share: the engine once loaded, the tokenizer, the limits."""
+    """What the routes share: the engine (and its tokenizer) once loaded, the limits."""
 
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
-    tok: Tokenizer | None = None
     load_error: str | None = None
 
     def ready(self) -> tuple[Engine, Tokenizer]:
-        if self.engine is None or self.tok is None:
+        if self.engine is None:
             raise APIError(503, self.load_error or "the model is still loading", "service_unavailable")
-        return self.engine, self.tok
+        return self.engine, self.engine.tok
 
 
 class APIError(Exception):
@@ -119,7 +118,7 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
         return
     served.metrics.gauge("requests_running", "Sequences being prefilled or decoded.", lambda: engine.load[0])
     served.metrics.gauge("requests_waiting", "Requests queued for a batch slot.", lambda: engine.load[1])
-    served.tok, served.engine = tok, engine.start()
+    served.engine = engine.start()
     print(f"ready: {s.model_name} (max_model_len {engine.max_model_len})", flush=True)
 
 
@@ -381,6 +380,7 @@ class Pending:
         self.engine, self.jobs = engine, []
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
+        self.prompt_tokens = self.completion_tokens = 0  # summed over the jobs as they finish
 
     def add(self, prompt: list[int], params: SamplingParams, **options) -> Job:
         index = len(self.jobs)
@@ -401,7 +401,8 @@ class Pending:
             raise APIError(429, f"server busy: {e}; retry shortly", "rate_limit_error", code="queue_full") from e
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
-        """(job index, event) until every job is done; an engine error becomes a 500."""
+        """(job index, event) until every job is done (a job's final event adds to the usage and is not
+        yielded); an engine error becomes a 500."""
         open_jobs = len(self.jobs)
         while open_jobs:
             index, event = await self.queue.get()
@@ -409,7 +410,14 @@ class Pending:
                 raise APIError(500, event.error, "server_error")
             if event.done:
                 open_jobs -= 1
+                self.prompt_tokens += event.usage[0]
+                self.completion_tokens += event.usage[1]
+                continue
             yield index, event
+
+    def usage(self) -> dict:
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
 
     def cancel(self) -> None:
         for job in self.jobs:
@@ -427,15 +435,11 @@ async def _collect(pending: Pending, request: Request, n: int) -> tuple[dict[int
     """Run to the end: choices by global index, usage, and each job's prompt token infos."""
     choices: dict[int, ChoiceOut] = {}
     prompts: list = [None] * len(pending.jobs)
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
     watcher = asyncio.ensure_future(_disconnected(request, pending))
     try:
         async for index, ev in pending.events():
             if ev.prompt is not None:
                 prompts[index] = ev.prompt
-            elif ev.done:
-                usage["prompt_tokens"] += ev.usage[0]
-                usage["completion_tokens"] += ev.usage[1]
             else:
                 c = choices.setdefault(index * n + ev.index, ChoiceOut())
                 c.text += ev.text
@@ -444,7 +448,7 @@ async def _collect(pending: Pending, request: Request, n: int) -> tuple[dict[int
     finally:
         watcher.cancel()
         pending.cancel()
-    return choices, usage | {"total_tokens": usage["prompt_tokens"] + usage["completion_tokens"]}, prompts
+    return choices, pending.usage(), prompts
 
 
 async def _disconnected(request: Request, pending: Pending) -> None:
@@ -512,15 +516,11 @@ async def _completions(served: Served, body: CompletionRequest, request: Request
 async def _stream_completion(pending: Pending, body: CompletionRequest, tok: Tokenizer, meta: dict, texts: list):
     base = {"object": "text_completion", **meta}
     offsets: dict[int, int] = {}
-    usage = [0, 0]
     if body.echo and body.logprobs is None:  # the prompt first, as its own chunk per choice
         for index in range(len(texts) * body.n):
             offsets[index] = len(texts[index // body.n])
             yield _sse(base | {"choices": [_text_choice(index, texts[index // body.n], None, None)]})
     async for job, ev in pending.events():
-        if ev.done:
-            usage = [usage[0] + ev.usage[0], usage[1] + ev.usage[1]]
-            continue
         indices = range(job * body.n, (job + 1) * body.n) if ev.prompt is not None else [job * body.n + ev.index]
         for index in indices:
             text = texts[job] if ev.prompt is not None else ev.text
@@ -530,15 +530,11 @@ async def _stream_completion(pending: Pending, body: CompletionRequest, tok: Tok
             offsets[index] = start + len(text)
             yield _sse(base | {"choices": [_text_choice(index, text, logprobs, ev.finish_reason)]})
     if body.stream_options and body.stream_options.include_usage:
-        yield _sse(base | {"choices": [], "usage": _usage(*usage)})
+        yield _sse(base | {"choices": [], "usage": pending.usage()})
 
 
 def _text_choice(index: int, text: str, logprobs, finish_reason) -> dict:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def _usage(prompt: int, completion: int) -> dict:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _legacy_logprobs(tok: Tokenizer, infos: list[TokenInfo], start: int) -> dict:
@@ -606,17 +602,13 @@ async def _stream_chat(pending: Pending, body: ChatRequest, tok: Tokenizer, meta
     for index in range(body.n):  # the role first, as OpenAI does
         delta = {"role": "assistant", "content": ""}
         yield _sse(base | {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
-    usage = [0, 0]
     async for _, ev in pending.events():
-        if ev.done:
-            usage = [usage[0] + ev.usage[0], usage[1] + ev.usage[1]]
-            continue
         lp = {"content": _chat_logprobs(tok, ev.tokens)} if body.logprobs and ev.tokens else None
         delta = {"content": ev.text} if ev.text or ev.finish_reason is None else {}
         choice = {"index": ev.index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}
         yield _sse(base | {"choices": [choice]})
     if body.stream_options and body.stream_options.include_usage:
-        yield _sse(base | {"choices": [], "usage": _usage(*usage)})
+        yield _sse(base | {"choices": [], "usage": pending.usage()})
 
 
 def _chat_logprobs(tok: Tokenizer, infos: list[TokenInfo]) -> list[dict]:

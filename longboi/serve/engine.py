@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longboi.generate import SamplingParams, _RowText, pick, process_logits
+from longboi.generate import SamplingParams, _RowText, pick, process_logits, token_counts
 from longboi.model import KVCache, MPTForCausalLM, SlotCache
 from longboi.serve.metrics import Metrics
 from longboi.tokenizer import Tokenizer
@@ -88,7 +88,8 @@ class Sequence:
         self.finished = False
         self.counts = None
         if job.params.penalized:  # the prompt counts as seen (as in generate and transformers)
-            self.counts = torch.zeros(vocab).index_add_(0, torch.tensor(job.prompt), torch.ones(len(job.prompt)))
+            prompt = torch.tensor([job.prompt])
+            self.counts = token_counts(prompt, torch.ones_like(prompt), vocab)[0]
 
     @property
     def length(self) -> int:
@@ -238,7 +239,7 @@ class Engine:
         job = p.job
         job.open_choices = job.n
         if p.prompt_info:
-            job.sink(Event(prompt=p.prompt_info))
+            self._emit(job, Event(prompt=p.prompt_info))
         seqs = [Sequence(job, i, self.tok, logits.shape[-1]) for i in range(job.n)]
         if job.params.max_new_tokens == 0:  # echo-only scoring: nothing to generate
             for s in seqs:
@@ -263,7 +264,8 @@ class Engine:
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from its (V,) logits row, record it, emit text, retire."""
         logits = logits.float()
-        allowed = logits.clone()
+        wants_logprobs = any(s.job.logprobs is not None for s in seqs)
+        allowed = logits.clone() if wants_logprobs else logits  # log-probabilities are over the raw logits
         allowed[:, self.vocab :] = float("-inf")  # the padded vocab is never sampled
         params = [s.params for s in seqs]
         counts = None
