@@ -293,7 +293,8 @@ import os, sys, torch
 from longboi.data.stream import CacheConfig, ShardCache, StreamingDataset
 real = ShardCache._download
 def logged(self, src, path, size, sha256):  # every real download, for the test to count
-    print("download", path.name, file=sys.stderr, flush=True)
+    # one write(2) per line: print() from two prefetch threads can interleave its pieces
+    os.write(2, f"download {path.name}\\n".encode())
     return real(self, src, path, size, sha256)
 ShardCache._download = logged
 ds = StreamingDataset(sys.argv[1], seed=2, cache=CacheConfig(dir=sys.argv[2], limit_gb=1.0))
