@@ -133,31 +133,43 @@ def convert(
     src: str,
     dst: str,
     *,
-    to: Literal["hf", "longboi", "gguf"],
+    to: Literal["hf", "longboi", "gguf", "onnx"],
     outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f32",
     allow_pickle: bool = False,
 ) -> Path:
-    """Convert a checkpoint between longboi and Hugging Face transformers' MPT, or to GGUF for llama.cpp.
+    """Convert a checkpoint between longboi and Hugging Face transformers' MPT, or export it for a runtime.
 
     Args:
-        src: source directory (longboi checkpoint, or an HF MPT directory saved by transformers).
-        to: target format: "hf" (loads with MptForCausalLM.from_pretrained), "longboi", or "gguf" (llama.cpp's mpt).
+        src: source directory (longboi checkpoint, or an HF MPT directory saved by transformers); for gguf
+            and onnx also a run directory (its final weights) or a LoRA adapter directory (merged onto its base).
+        to: "hf" (loads with MptForCausalLM.from_pretrained), "longboi", "gguf" (llama.cpp's mpt) or
+            "onnx" (onnxruntime: a decoder with KV cache in Optimum's naming).
         dst: directory to write (for gguf: the .gguf file).
-        outtype: gguf weight type: f32, f16, bf16 or q8_0 (norms stay f32).
+        outtype: gguf weight type: f32, f16, bf16 or q8_0 (norms stay f32). ONNX is written in f32.
         allow_pickle: allow reading .bin/.pt weights from src (pickle can run code: trusted files only).
     """
     from longboi.export.hf import export_hf, import_checkpoint
 
+    if to in ("gguf", "onnx"):
+        return _export_for_runtime(src, dst, to, outtype)
+    path = (export_hf if to == "hf" else import_checkpoint)(src, dst, allow_pickle=allow_pickle)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def _export_for_runtime(src: str, dst: str, to: Literal["gguf", "onnx"], outtype: str) -> Path:
+    if to == "onnx" and outtype != "f32":
+        raise UserError(f"--outtype {outtype} is for gguf; the ONNX export is f32 (onnxruntime's tools quantize it)")
+    model, tok = _load_for_serving(_serving_source(src), "fp32")
     if to == "gguf":
         from longboi.export.gguf import export_gguf
 
-        if not (Path(src) / "config.json").is_file():
-            raise UserError(f"{src}: not a checkpoint directory (no config.json)")
-        path = export_gguf(src, dst, outtype)
-        print(f"wrote {path} ({outtype})", file=sys.stderr)
-        return path
-    path = (export_hf if to == "hf" else import_checkpoint)(src, dst, allow_pickle=allow_pickle)
-    print(f"wrote {path}", file=sys.stderr)
+        path = export_gguf(model, tok, dst, outtype)  # type: ignore[arg-type]
+    else:
+        from longboi.export.onnx import export_onnx
+
+        path = export_onnx(model, tok, dst)
+    print(f"wrote {path} ({outtype})", file=sys.stderr)
     return path
 
 

@@ -388,9 +388,8 @@ class MPTAttention(nn.Module):
         self.out_proj._is_residual = True  # type: ignore[assignment]  # init scaled by 1/sqrt(2L)
         self.scale = cfg.softmax_scale or 1 / math.sqrt(cfg.head_dim)
 
-    def forward(
-        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | SlotCache | None, layer: int
-    ) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, d) -> q (B, H, T, D), k and v (B, Hkv, T, D): fused QKV, clipped, QK-LayerNorm."""
         cfg = self.cfg
         B, T, _ = x.shape
         qkv = self.Wqkv(x)  # (B, T, d + 2 * kv_dim)
@@ -402,6 +401,14 @@ class MPTAttention(nn.Module):
         q = q.view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(B, T, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | SlotCache | None, layer: int
+    ) -> torch.Tensor:
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q, k, v = self.project(x)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, past + T, D)
         dropout_p = cfg.attn_pdrop if self.training else 0.0

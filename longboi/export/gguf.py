@@ -1,37 +1,38 @@
 """GGUF for llama.cpp: its `mpt` architecture, our weights, our tokenizer.
 
 llama.cpp's MPT graph (src/models/mpt.cpp) reads from the file: feed_forward_length, layer-norm eps,
-clamp_kqv, max_alibi_bias, an optional head_count_kv, optional biases, and falls back to token_embd
-for the output when the head is tied. Tensor names and layouts are its own; weights are written as
-torch stores them ((out, in) rows; ggml reads the dimensions reversed). The tokenizer goes in as
-llama.cpp's byte-level BPE ("gpt2": tokens, token types, merges) padded to the model's vocabulary
-with unused tokens, with the pre-tokenizer llama.cpp uses for GPT-NeoX-style BPE ("mpt").
+clamp_kqv, max_alibi_bias (0: no ALiBi), an optional head_count_kv, optional biases, optional learned
+position embeddings (position_embd), and falls back to token_embd for the output when the head is tied.
+Tensor names and layouts are its own; weights are written as torch stores them ((out, in) rows; ggml
+reads the dimensions reversed). The tokenizer goes in as llama.cpp's byte-level BPE ("gpt2": tokens,
+token types, merges) padded to the model's vocabulary with unused tokens, with the pre-tokenizer
+llama.cpp uses for GPT-NeoX-style BPE ("mpt").
 Needs the `gguf` package (the `export` extra).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 
-from longboi.checkpoint import load_model, load_tokenizer
 from longboi.config import ModelConfig
 from longboi.errors import UserError
+from longboi.model import MPTForCausalLM
+from longboi.tokenizer import Tokenizer
 
 OutType = Literal["f32", "f16", "bf16", "q8_0"]
 
 
 def unsupported(cfg: ModelConfig) -> list[str]:
-    """The settings llama.cpp's MPT graph does not compute, each naming the knob."""
+    """The settings llama.cpp's MPT graph does not compute, each naming the knob (src/models/mpt.cpp)."""
     problems = []
-    if cfg.learned_pos_emb:
-        problems.append("learned_pos_emb: llama.cpp's MPT adds position embeddings only with ALiBi's layout")
-    if cfg.qk_ln:
-        problems.append("qk_ln: llama.cpp's MPT normalizes q and k with LayerNorm over all heads only")
+    if cfg.qk_ln:  # its graph reshapes a non-contiguous view of q (tests/test_gguf.py shows the abort)
+        problems.append("qk_ln: llama.cpp's MPT aborts with attn_q_norm (GGML_ASSERT(ggml_is_contiguous(a)))")
     if cfg.norm_type == "rmsnorm":
         problems.append("norm_type rmsnorm: llama.cpp's MPT uses LayerNorm")
     if cfg.softmax_scale is not None:
@@ -41,28 +42,34 @@ def unsupported(cfg: ModelConfig) -> list[str]:
     return problems
 
 
-def export_gguf(src: str | Path, out: str | Path, outtype: OutType = "f32", check: bool = True) -> Path:
-    """Write `out` (a .gguf file) from checkpoint `src`; llama.cpp loads it as an MPT model.
+def export_gguf(
+    model: MPTForCausalLM, tok: Tokenizer | None, out: str | Path, outtype: OutType = "f32", check: bool = True
+) -> Path:
+    """Write `out` (a .gguf file, atomically) from a model and its tokenizer; llama.cpp loads it as MPT.
     check=False writes even what llama.cpp computes differently (the tests use it to show that it does)."""
     gguf = _gguf()
-    model, tok = load_model(src), load_tokenizer(src)
     if tok is None:
-        raise UserError(f"{src}: no tokenizer.json in the checkpoint directory (GGUF carries the tokenizer)")
+        raise UserError("GGUF carries the tokenizer: the checkpoint has no tokenizer.json")
     cfg = model.config
     problems = unsupported(cfg)
     if problems and check:
-        raise UserError(f"{src}: llama.cpp cannot compute this model: " + "; ".join(problems))
+        raise UserError("llama.cpp cannot compute this model: " + "; ".join(problems))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(str(out), "mpt")
-    _metadata(writer, cfg, Path(src).resolve().name)
-    _vocabulary(writer, gguf, tok, cfg.vocab_size)
-    for name, tensor in _tensors(model):
-        _add_tensor(writer, gguf, name, tensor, outtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(str(tmp), "mpt")
+        _metadata(writer, cfg, out.stem)
+        _vocabulary(writer, gguf, tok, cfg.vocab_size)
+        for name, tensor in _tensors(model):
+            _add_tensor(writer, gguf, name, tensor, outtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)  # a crash never leaves a truncated file under the real name
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -122,6 +129,10 @@ def _tensors(model) -> list[tuple[str, torch.Tensor]]:
     """(GGUF name, tensor) in llama.cpp's MPT naming."""
     t = model.transformer
     out = [("token_embd.weight", t.wte.weight), ("output_norm.weight", t.norm_f.weight)]
+    if getattr(t.norm_f, "bias", None) is not None:
+        out.append(("output_norm.bias", t.norm_f.bias))
+    if model.config.learned_pos_emb:  # llama.cpp adds position_embd rows by absolute position, as we do
+        out.append(("position_embd.weight", t.wpe.weight))
     if not model.config.tie_word_embeddings:
         out.append(("output.weight", model.lm_head.weight))
     for i, b in enumerate(t.blocks):
@@ -133,6 +144,8 @@ def _tensors(model) -> list[tuple[str, torch.Tensor]]:
             "ffn_up": b.ffn.up_proj,
             "ffn_down": b.ffn.down_proj,
         }
+        if model.config.qk_ln:  # written for the refusal test only: llama.cpp's MPT aborts on them
+            parts |= {"attn_q_norm": b.attn.q_ln, "attn_k_norm": b.attn.k_ln}
         for name, module in parts.items():
             out.append((f"blk.{i}.{name}.weight", module.weight))
             if getattr(module, "bias", None) is not None:
