@@ -1,0 +1,284 @@
+"""CPU inference speed: longboi (fp32, bf16, int8) against transformers' MptForCausalLM, onnxruntime
+(our ONNX export) and llama.cpp (our GGUF, f32 and q8_0): same weights, same prompts, one run.
+
+    python bench/infer.py [--models tiny,mpt-125m] [--batches 1,8] [--prompt-len 64] [--new-tokens 32]
+                          [--repeats 3] [--out bench/results/infer.json]
+
+Each engine prefills B rows of `prompt-len` tokens (cut from Tiny Shakespeare; equal lengths, so no
+engine pays for padding) and then decodes `new-tokens` greedy tokens per row on its KV cache; prefill
+tokens/s = B x prompt-len / the prefill forward, decode tokens/s = B x new-tokens / the decode steps
+alone. Engines run interleaved, repeat by repeat, and medians are reported. Every engine gets 2 threads.
+A decode step reads every weight once, so decode tokens/s <= B x read bandwidth / weight bytes: the
+table gives each engine's % of that bound (the KV cache, small at these lengths, is left out; the
+bandwidth is measured here by summing a 256 MB tensor). Random weights: the speed is the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longboi.checkpoint import load_model, save_checkpoint
+from longboi.config import preset
+from longboi.hardware import cpu_capability, cpu_model
+from longboi.model import MPTForCausalLM
+from longboi.tokenizer import Tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+THREADS = 2
+
+
+def read_bandwidth() -> float:
+    """Bytes/s of a streaming read (torch.ones: untouched pages of torch.empty would read the zero page)."""
+    x = torch.ones(64 * 2**20)  # 256 MB
+    times = []
+    for _ in range(7):
+        start = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - start)
+    return x.numel() * 4 / statistics.median(times)
+
+
+def streamed_params(model: MPTForCausalLM) -> int:
+    """Parameters a decode step reads: every matrix in the blocks plus the LM head (vocab x d; the
+    embedding lookup reads B rows only)."""
+    blocks = sum(p.numel() for p in model.transformer.blocks.parameters() if p.ndim == 2)
+    return blocks + model.config.vocab_size * model.config.d_model
+
+
+class Torch:
+    """A longboi or HF model: prefill, then one token per row per step on its KV cache."""
+
+    def __init__(self, model, hf: bool = False):
+        self.model, self.hf = model, hf
+
+    @torch.no_grad()
+    def run(self, ids: np.ndarray, new: int) -> tuple[float, float]:
+        x = torch.from_numpy(ids)
+        start = time.perf_counter()
+        if self.hf:
+            out = self.model(x, use_cache=True)
+            logits, cache = out.logits[:, -1], out.past_key_values
+        else:
+            cache = self.model.new_cache(ids.shape[1] + new)
+            logits = self.model(x, cache=cache, logits_to_keep=1)[:, -1]
+        prefill = time.perf_counter()
+        for _ in range(new):
+            token = logits.float().argmax(-1, keepdim=True)
+            if self.hf:
+                out = self.model(token, past_key_values=cache, use_cache=True)
+                logits, cache = out.logits[:, -1], out.past_key_values
+            else:
+                logits = self.model(token, cache=cache, logits_to_keep=1)[:, -1]
+        return prefill - start, time.perf_counter() - prefill
+
+
+class Onnx:
+    def __init__(self, directory: Path):
+        from longboi.export.onnx import OnnxDecoder
+
+        self.decoder = OnnxDecoder(directory, threads=THREADS)
+
+    def run(self, ids: np.ndarray, new: int) -> tuple[float, float]:
+        d, mask = self.decoder, np.ones_like(ids)
+        start = time.perf_counter()
+        logits, past = d.step(ids, mask, d.empty_past(len(ids)))
+        prefill = time.perf_counter()
+        for _ in range(new):
+            token = logits[:, -1].argmax(-1)[:, None]
+            mask = np.concatenate([mask, np.ones_like(token)], axis=1)
+            logits, past = d.step(token, mask, past)
+        return prefill - start, time.perf_counter() - prefill
+
+
+def _quiet(level, text, user_data) -> None:  # llama.cpp logs every load and context to stderr
+    pass
+
+
+try:
+    import llama_cpp
+
+    _QUIET = llama_cpp.llama_log_callback(_quiet)  # kept alive here: llama.cpp holds the pointer
+except ImportError:
+    _QUIET = None
+
+
+class LlamaCpp:
+    """llama.cpp through llama-cpp-python's C API: one sequence per row, all rows in each llama_decode."""
+
+    def __init__(self, path: Path, rows: int, length: int):
+        import llama_cpp as L
+
+        self.L = L
+        L.llama_log_set(_QUIET, None)
+        L.llama_backend_init()
+        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        params = L.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = rows * length, rows * length, rows * length
+        params.n_seq_max, params.n_threads, params.n_threads_batch = rows, THREADS, THREADS
+        self.ctx = L.llama_init_from_model(self.model, params)
+        self.batch = L.llama_batch_init(rows * length, 0, 1)
+        self.vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+
+    def _decode(self, rows: list[list[int]], start: int) -> np.ndarray:
+        """Append each row's tokens to its sequence; (rows, vocab) logits of each row's last token."""
+        b, k, last = self.batch, 0, []
+        for seq, tokens in enumerate(rows):
+            for i, token in enumerate(tokens):
+                b.token[k], b.pos[k], b.n_seq_id[k], b.seq_id[k][0] = token, start + i, 1, seq
+                b.logits[k] = i == len(tokens) - 1
+                k += 1
+            last.append(k - 1)
+        b.n_tokens = k
+        if self.L.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        return np.stack(
+            [np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ctx, i), shape=(self.vocab,)) for i in last]
+        )
+
+    def run(self, ids: np.ndarray, new: int) -> tuple[float, float]:
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), True)
+        start = time.perf_counter()
+        logits = self._decode(ids.tolist(), 0)
+        prefill = time.perf_counter()
+        for step in range(new):
+            logits = self._decode([[int(t)] for t in logits.argmax(-1)], ids.shape[1] + step)
+        return prefill - start, time.perf_counter() - prefill
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
+        self.L.llama_model_free(self.model)
+
+
+def prompts(tok: Tokenizer, rows: int, length: int) -> np.ndarray:
+    ids = tok.encode((SHARED / "text" / "tinyshakespeare.txt").read_text()[:200_000])
+    return np.array([ids[i * 997 : i * 997 + length] for i in range(rows)], dtype=np.int64)
+
+
+def engines(name: str, work: Path, rows: int, length: int) -> dict[str, tuple[object, float]]:
+    """{label: (engine, bytes per weight)} over one checkpoint of preset `name` (exported once per model)."""
+    from transformers import MptForCausalLM
+
+    from longboi.export.gguf import export_gguf
+    from longboi.export.onnx import export_onnx
+    from longboi.quantize import quantize_int8
+
+    ck, tok = work / name, Tokenizer(TOKENIZER)
+    if not ck.exists():
+        torch.manual_seed(0)
+        model = MPTForCausalLM(preset(name)).eval()
+        save_checkpoint(model, ck, tok)
+        export_onnx(model, tok, work / f"{name}.onnx")
+        for outtype in ("f32", "q8_0"):
+            export_gguf(model, tok, work / f"{name}.{outtype}.gguf", outtype)
+    return {
+        "longboi fp32": (Torch(load_model(ck)), 4),
+        "longboi bf16": (Torch(load_model(ck, dtype=torch.bfloat16)), 2),
+        "longboi int8": (Torch(quantize_int8(load_model(ck))), 1),
+        "HF MptForCausalLM fp32": (Torch(MptForCausalLM.from_pretrained(ck).eval(), hf=True), 4),
+        "onnxruntime fp32": (Onnx(work / f"{name}.onnx"), 4),
+        "llama.cpp f32": (LlamaCpp(work / f"{name}.f32.gguf", rows, length), 4),
+        "llama.cpp q8_0": (LlamaCpp(work / f"{name}.q8_0.gguf", rows, length), 34 / 32),
+    }
+
+
+def measure(name: str, rows: int, args, work: Path, bandwidth: float) -> list[dict]:
+    ids = prompts(Tokenizer(TOKENIZER), rows, args.prompt_len)
+    table = engines(name, work, rows, args.prompt_len + args.new_tokens + 1)
+    weights = streamed_params(MPTForCausalLM(preset(name)))
+    times: dict[str, list[tuple[float, float]]] = {label: [] for label in table}
+    for engine, _ in table.values():  # warm-up: first calls allocate and pick kernels
+        engine.run(ids, 2)
+    for _ in range(args.repeats):  # interleaved: drift on a shared VM hits every engine alike
+        for label, (engine, _) in table.items():
+            times[label].append(engine.run(ids, args.new_tokens))
+    out = []
+    for label, (engine, bytes_per_weight) in table.items():
+        prefill = statistics.median(t[0] for t in times[label])
+        decode = statistics.median(t[1] for t in times[label])
+        bound = rows * bandwidth / (weights * bytes_per_weight)
+        decode_tps = rows * args.new_tokens / decode
+        out.append(
+            {
+                "model": name,
+                "batch": rows,
+                "engine": label,
+                "prefill_tok_s": rows * args.prompt_len / prefill,
+                "decode_tok_s": decode_tps,
+                "bandwidth_bound_tok_s": bound,
+                "pct_of_bound": 100 * decode_tps / bound,
+            }
+        )
+        if hasattr(engine, "close"):
+            engine.close()
+    base = next(r["decode_tok_s"] for r in out if r["engine"] == "longboi fp32")
+    for r in out:
+        r["decode_vs_longboi_fp32"] = r["decode_tok_s"] / base
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    head = (
+        f"{'model':9} {'B':>2} {'engine':24} {'prefill tok/s':>13} {'decode tok/s':>12} {'vs fp32':>7} {'% bound':>7}"
+    )
+    print(head)
+    for r in rows:
+        print(
+            f"{r['model']:9} {r['batch']:2d} {r['engine']:24} {r['prefill_tok_s']:13.0f} {r['decode_tok_s']:12.1f} "
+            f"{r['decode_vs_longboi_fp32']:6.2f}x {r['pct_of_bound']:6.0f}%"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="tiny,mpt-125m")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench/results/infer.json")
+    args = p.parse_args()
+    torch.set_num_threads(THREADS)
+    bandwidth = read_bandwidth()
+    import llama_cpp
+    import onnxruntime
+    import transformers
+
+    env = {
+        "cpu": cpu_model(),
+        "cpu_capability": cpu_capability(),
+        "threads": THREADS,
+        "read_bandwidth_GBps": bandwidth / 1e9,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "llama_cpp_python": llama_cpp.__version__,
+        "python": platform.python_version(),
+    }
+    print(f"{env['cpu']} ({env['cpu_capability']}), {THREADS} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            for batch in map(int, args.batches.split(",")):
+                rows += measure(name, batch, args, Path(tmp), bandwidth)
+                print_table([r for r in rows if r["model"] == name and r["batch"] == batch])
+                sys.stdout.flush()
+    print_table(rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
