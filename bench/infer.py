@@ -2,7 +2,7 @@
 (our ONNX export) and llama.cpp (our GGUF, f32 and q8_0): same weights, same prompts, one run.
 
     python bench/infer.py [--models tiny,mpt-125m] [--batches 1,8] [--prompt-len 64] [--new-tokens 32]
-                          [--repeats 3] [--out bench/results/infer.json]
+                          [--repeats 3] [--out bench/results/infer.json] [--quality runs/demo/train/final]
 
 Each engine prefills B rows of `prompt-len` tokens (cut from Tiny Shakespeare; equal lengths, so no
 engine pays for padding) and then decodes `new-tokens` greedy tokens per row on its KV cache; prefill
@@ -11,6 +11,9 @@ alone. Engines run interleaved, repeat by repeat, and medians are reported. Ever
 A decode step reads every weight once, so decode tokens/s <= B x read bandwidth / weight bytes: the
 table gives each engine's % of that bound (the KV cache, small at these lengths, is left out; the
 bandwidth is measured here by summing a 256 MB tensor). Random weights: the speed is the same.
+--quality CKPT adds what each runtime costs in quality: held-out perplexity of a trained checkpoint (the
+last 10% of Tiny Shakespeare, as `make demo` holds out) through longboi fp32/int8, onnxruntime and
+llama.cpp f32/q8_0.
 """
 
 from __future__ import annotations
@@ -228,6 +231,66 @@ def measure(name: str, rows: int, args, work: Path, bandwidth: float) -> list[di
     return out
 
 
+def held_out_windows(tok: Tokenizer, length: int) -> list[list[int]]:
+    """The last 10% of Tiny Shakespeare (what `make demo` holds out) in non-overlapping windows."""
+    text = (SHARED / "text" / "tinyshakespeare.txt").read_text()
+    ids = tok.encode(text[int(len(text) * 0.9) :])
+    return [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
+
+
+def nll(logits: np.ndarray, window: list[int]) -> float:
+    """Summed next-token negative log-likelihood of a window from its (T, vocab) logits."""
+    logp = torch.log_softmax(torch.from_numpy(np.asarray(logits[:-1], dtype=np.float64)), -1)
+    return -logp.gather(1, torch.tensor(window[1:])[:, None]).sum().item()
+
+
+def llama_scorer(path: Path, n_ctx: int):
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=THREADS, type_k=0, type_v=0)
+
+    def score(window: list[int]) -> np.ndarray:
+        llm.reset()
+        llm.eval(window)
+        return np.array(llm.scores[: len(window)])
+
+    return score
+
+
+def torch_scorer(model: MPTForCausalLM):
+    return lambda window: model(torch.tensor([window]))[0].numpy()
+
+
+def quality(ckpt: Path, work: Path) -> list[dict]:
+    """Held-out perplexity of one trained checkpoint through every runtime (same windows, same tokens)."""
+    from longboi.export.gguf import export_gguf
+    from longboi.export.onnx import OnnxDecoder, export_onnx
+    from longboi.quantize import quantize_int8
+
+    model, tok = load_model(ckpt), Tokenizer(ckpt)
+    windows = held_out_windows(tok, model.config.max_seq_len)
+    onnx = OnnxDecoder(export_onnx(model, tok, work / "q.onnx"), threads=THREADS)
+    scorers = {
+        "longboi fp32": torch_scorer(model),
+        "longboi int8": torch_scorer(quantize_int8(load_model(ckpt))),
+        "onnxruntime fp32": lambda w: onnx.step(np.array([w]), np.ones((1, len(w))), onnx.empty_past(1))[0][0],
+    }
+    for outtype in ("f32", "q8_0"):
+        gguf = export_gguf(model, tok, work / f"q.{outtype}.gguf", outtype)
+        scorers[f"llama.cpp {outtype}"] = llama_scorer(gguf, model.config.max_seq_len)
+    tokens = sum(len(w) - 1 for w in windows)
+    out = []
+    with torch.no_grad():
+        for label, score in scorers.items():
+            ppl = float(np.exp(sum(nll(score(w), w) for w in windows) / tokens))
+            out.append({"engine": label, "perplexity": ppl, "tokens": tokens})
+    base = out[0]["perplexity"]
+    for r in out:
+        r["vs_longboi_fp32_pct"] = 100 * (r["perplexity"] / base - 1)
+        print(f"{r['engine']:24} held-out perplexity {r['perplexity']:.3f} ({r['vs_longboi_fp32_pct']:+.2f}%)")
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     head = (
         f"{'model':9} {'B':>2} {'engine':24} {'prefill tok/s':>13} {'decode tok/s':>12} {'vs fp32':>7} {'% bound':>7}"
@@ -248,6 +311,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results/infer.json")
+    p.add_argument(
+        "--quality", help="a trained checkpoint (e.g. runs/demo/train/final): held-out perplexity per runtime"
+    )
+    p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="run the speed table")
     args = p.parse_args()
     torch.set_num_threads(THREADS)
     bandwidth = read_bandwidth()
@@ -267,16 +334,19 @@ def main() -> None:
         "python": platform.python_version(),
     }
     print(f"{env['cpu']} ({env['cpu_capability']}), {THREADS} threads, read bandwidth {bandwidth / 1e9:.1f} GB/s")
-    rows = []
+    rows, held_out = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in args.models.split(",") if args.speed else []:
             for batch in map(int, args.batches.split(",")):
                 rows += measure(name, batch, args, Path(tmp), bandwidth)
                 print_table([r for r in rows if r["model"] == name and r["batch"] == batch])
                 sys.stdout.flush()
+        if args.quality:
+            held_out = quality(Path(args.quality), Path(tmp))
     print_table(rows)
+    result = {"env": env, "args": vars(args), "rows": rows, "quality": held_out}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"env": env, "args": vars(args), "rows": rows}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
