@@ -50,6 +50,170 @@ def info(target: str, seq_len: int | None = None) -> dict:
     }
 
 
+def plan(
+    *,
+    model: str | None = None,
+    tokens: float | None = None,
+    gpu: str = "a100-40gb",
+    gpus: int = 8,
+    seq_len: int | None = None,
+    mfu: str | None = None,
+    goodput: float = 0.9,
+    price_per_gpu_hour: float | None = None,
+    activation_checkpointing: bool = False,
+    micro_batch: int | None = None,
+    budget_flops: float | None = None,
+    budget_gpu_hours: float | None = None,
+    budget_usd: float | None = None,
+    inference_tokens: float | None = None,
+    fit: Literal["epoch", "hoffmann"] = "epoch",
+) -> dict:
+    """Plan a training run: FLOPs, memory per GPU, time and cost; or size one for a budget (Chinchilla).
+
+    Args:
+        model: a preset (mpt-7b, ...) or checkpoint directory to train; omit it with a --budget-* option.
+        tokens: training tokens, e.g. 1e12.
+        gpu: a100-40gb, a100-80gb, h100, h200, l4, a10, rtx-4090, mi300x, or cpu (this machine, measured).
+        gpus: how many (FSDP full sharding across them).
+        seq_len: training sequence length (default: the model's max_seq_len).
+        mfu: model FLOPs utilization, e.g. 0.4, or measured:RUN_DIR (a run's logged MFU); default: LLM
+            Foundry's published MFU for the nearest model size on that GPU.
+        goodput: share of wall-clock time spent training (evaluation, checkpoints, restarts take the rest).
+        price_per_gpu_hour: dollars per GPU-hour, for the cost line.
+        activation_checkpointing: plan with activation checkpointing (both are shown).
+        micro_batch: per-GPU micro-batch for the memory estimate (default: the largest that fits).
+        budget_flops: size a compute-optimal model for this many training FLOPs.
+        budget_gpu_hours: ... or for this many GPU-hours of --gpu.
+        budget_usd: ... or for this many dollars at --price-per-gpu-hour.
+        inference_tokens: with a budget: lifetime tokens to be served, for the inference-aware size.
+        fit: the published L(N, D) fit for sizing: epoch (Besiroglu et al. 2024) or hoffmann (2022).
+    """
+    from longboi import plan as P
+
+    _check_plan_numbers(tokens=tokens, gpus=gpus, goodput=goodput, price_per_gpu_hour=price_per_gpu_hour,
+                        micro_batch=micro_batch, budget_flops=budget_flops, budget_gpu_hours=budget_gpu_hours,
+                        budget_usd=budget_usd, inference_tokens=inference_tokens)  # fmt: skip
+    acc = P.accelerator(gpu)
+    rate, source = _mfu_option(mfu)
+    budgets = [b for b in (budget_flops, budget_gpu_hours, budget_usd) if b is not None]
+    if budgets and (model or tokens):
+        raise UserError("give either --model with --tokens, or one --budget-* option, not both")
+    if len(budgets) > 1:
+        raise UserError("give one of --budget-flops, --budget-gpu-hours, --budget-usd")
+    sizing: dict = {}
+    if budgets:
+        model, tokens, sizing = _size_for_budget(acc, gpus, rate, goodput, price_per_gpu_hour, fit, inference_tokens,
+                                                 budget_flops, budget_gpu_hours, budget_usd)  # fmt: skip
+    if model is None or tokens is None:
+        raise UserError("give --model and --tokens (or a --budget-* option to size the model)")
+    cfg = _config_of(model)
+    seq = seq_len or cfg.max_seq_len
+    p = P.plan_training(cfg, tokens, acc, gpus, seq, rate, source or "given", goodput, price_per_gpu_hour)
+    return sizing | P.report(p, cfg, seq, micro_batch, activation_checkpointing)
+
+
+def _check_plan_numbers(**values: float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+    if values["goodput"] is not None and values["goodput"] > 1:
+        raise UserError(f"--goodput is a fraction of wall-clock time (0-1], got {values['goodput']:g}")
+
+
+def _mfu_option(mfu: str | None) -> tuple[float | None, str | None]:
+    from longboi.plan import measured_mfu
+
+    if mfu is None:
+        return None, None
+    if mfu.startswith("measured:"):
+        return measured_mfu(mfu.removeprefix("measured:"))
+    try:
+        rate = float(mfu)
+    except ValueError:
+        raise UserError(f"--mfu takes a fraction (0.4) or measured:RUN_DIR, got {mfu!r}") from None
+    if not 0 < rate <= 1:
+        raise UserError(f"--mfu is a fraction of peak FLOP/s in (0, 1], got {rate:g}")
+    return rate, "given"
+
+
+def _size_for_budget(acc, gpus, rate, goodput, price, fit, inference_tokens, flops, hours, usd):
+    """Chinchilla-optimal (N, D) for the budget, the nearest preset and its tokens: (preset, tokens, report)."""
+    from longboi.plan import default_mfu, human, nearest_preset
+    from longboi.scaling import FITS
+
+    law = FITS[fit]
+    if usd is not None:
+        if price is None:
+            raise UserError("--budget-usd needs --price-per-gpu-hour")
+        hours = usd / price
+    n = 1e9
+    for _ in range(3):  # the default MFU depends on the size the budget buys
+        mfu = rate if rate is not None else default_mfu(acc, n)[0]
+        budget = flops if hours is None else hours * 3600 * acc.peak_flops * mfu * goodput
+        n, d = law.optimal(budget)
+    name, size = nearest_preset(n)
+    tokens = d * n / size  # the preset's tokens at the same FLOPs (6ND)
+    print(
+        f"budget       {budget:.3g} training FLOPs"
+        + ("" if hours is None else f" ({hours:,.0f} GPU-hours of {acc.name})")
+    )
+    print(
+        f"optimal      N = {human(n)} parameters, D = {human(d)} tokens ({d / n:.1f} tokens/parameter), "
+        f"L = {law.loss(n, d):.3f} nats/token on MassiveText ({law.source})"
+    )
+    print(f"nearest      {name} ({human(size)} parameters): {human(tokens)} tokens at this budget")
+    out = {"optimal_params": n, "optimal_tokens": d, "preset": name, "preset_tokens": tokens}
+    if inference_tokens is not None:
+        ni, di = law.inference_aware(budget, inference_tokens)
+        total, total_opt = 6 * ni * di + 2 * ni * inference_tokens, 6 * n * d + 2 * n * inference_tokens
+        print(
+            f"inference    serving {human(inference_tokens)} tokens: N = {human(ni)}, D = {human(di)} reaches the "
+            f"same loss for {total / total_opt - 1:+.1%} total FLOPs (training {6 * ni * di / budget - 1:+.1%})"
+        )
+        out |= {"inference_params": ni, "inference_tokens_trained": di}
+    return name, tokens, out
+
+
+def scaling(
+    action: Literal["fit"],
+    runs: list[str],
+    *,
+    predict_flops: float | None = None,
+    predict_model: str | None = None,
+    tokens: float | None = None,
+    seq_len: int | None = None,
+    png: str | None = "scaling.png",
+    floor: bool = True,
+) -> dict:
+    """Fit L(C) = a * C^-b + c to finished runs (training FLOPs, final validation loss) and predict a larger run.
+
+    Args:
+        action: fit.
+        runs: run directories (each with config.yaml and metrics.jsonl with an evaluation).
+        predict_flops: predict the loss of a run with this many training FLOPs.
+        predict_model: ... or of this model (preset or checkpoint) trained on --tokens tokens.
+        tokens: training tokens of --predict-model.
+        seq_len: sequence length of --predict-model (default: its max_seq_len).
+        png: write the log-log plot here (none: no plot).
+        floor: fit the irreducible-loss floor c (--no-floor: a pure power law, c = 0).
+    """
+    from longboi.plan import model_stats
+    from longboi.scaling import fit_runs, plot_fit, read_run
+
+    points = [read_run(r) for r in runs]
+    if predict_model is not None:
+        if tokens is None or tokens <= 0:
+            raise UserError("--predict-model needs --tokens (a positive count)")
+        predict_flops = tokens * model_stats(_config_of(predict_model), seq_len).train_flops_per_token
+    if predict_flops is not None and predict_flops <= 0:
+        raise UserError(f"--predict-flops must be positive, got {predict_flops:g}")
+    fit, pred = fit_runs(points, predict_flops, floor)
+    if png:
+        print(f"wrote {plot_fit(points, fit, pred, png)}")
+    out = {"a": fit.a, "b": fit.b, "c": fit.c, "scale": fit.scale}
+    return out | ({"prediction": pred.loss, "low": pred.low, "high": pred.high} if pred else {})
+
+
 def init(preset: str, out: str, *, tokenizer: str, seed: int = 0) -> Path:
     """Create a randomly initialized checkpoint directory from a preset.
 
@@ -577,6 +741,8 @@ def _resolve_dtype(dtype: Precision):
 
 COMMANDS: list[Callable] = [
     info,
+    plan,
+    scaling,
     init,
     generate,
     convert,

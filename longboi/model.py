@@ -541,7 +541,7 @@ class ChunkedLMLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
             hs, ts, vs = h[s : s + chunk], targets[s : s + chunk].clamp(min=0), valid[s : s + chunk]
-            logits = (hs @ weight.t()).float() * scale  # (c, V)
+            logits = (hs @ weight.t()).float().mul_(scale)  # (c, V); in place: no second (c, V) buffer
             lse = logits.logsumexp(dim=-1)
             total += ((lse - logits.gather(1, ts[:, None]).squeeze(1)) * vs).sum()
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
@@ -549,6 +549,7 @@ class ChunkedLMLoss(torch.autograd.Function):
             g = (probs * (vs[:, None] * (scale / count))).to(h.dtype)  # dloss/dlogits_raw
             grad_h[s : s + chunk] = g @ weight
             grad_w += (g.t() @ hs).float()
+            del logits, probs, g  # freed before the next chunk's: at most 3 (c, V) buffers live, not 5
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total / count
 

@@ -58,7 +58,7 @@ def test_init_then_generate_through_the_real_command(tmp_path, tokenizer_path):
 # to import any longboi module (each is imported where its feature is used).
 EXTRAS = ["transformers", "s3fs", "matplotlib", "peft", "tensorboard", "torch.utils.tensorboard", "wandb", "lm_eval",
           "moto", "accelerate", "fastapi", "uvicorn", "onnx", "onnxscript", "onnxruntime", "gguf",
-          "llama_cpp"]  # fmt: skip
+          "llama_cpp", "scipy"]  # fmt: skip
 
 
 def test_every_module_imports_without_any_optional_extra():

@@ -272,6 +272,7 @@ def run_loop(r: Run) -> tuple[float | None, dict]:
                 lr=lr,
                 grad_norm=grad_norm,
                 tokens=progress.tokens,
+                flops=progress.tokens * r.flops_per_token,  # training FLOPs so far (MFU's counter; scaling fits)
                 tokens_per_s=tok_s,
                 mfu=mfu,
                 elapsed_s=progress.elapsed,

@@ -1,0 +1,241 @@
+"""Scaling laws: compute-optimal sizing from a published fit, and fits of our own runs.
+
+Chinchilla's parametric loss L(N, D) = E + A / N^alpha + B / D^beta (N parameters, D training
+tokens, C = 6ND) has a closed-form optimum under a compute budget. Two published constant sets:
+- "epoch": Besiroglu et al. 2024 (arXiv 2404.10102, Table 1), a refit of Chinchilla's own data that
+  agrees with the paper's Approaches 1 and 2 (about 20 tokens per parameter). The default.
+- "hoffmann": Hoffmann et al. 2022 (arXiv 2203.15556, eq. 10), as published; its optimum puts
+  fewer parameters and more tokens than the paper's own Table 3 (the refit explains why).
+Losses are in nats/token of Chinchilla's MassiveText tokenizer: the fit sizes models, it does not
+predict our loss. For that, `fit_power_law` fits L(C) = a * C^-b + c to runs trained here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from longboi.errors import UserError
+
+
+@dataclass(frozen=True)
+class LossFit:
+    """L(N, D) = E + A / N^alpha + B / D^beta."""
+
+    E: float
+    A: float
+    B: float
+    alpha: float
+    beta: float
+    source: str
+
+    def loss(self, n: float, d: float) -> float:
+        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+
+    def optimal(self, flops: float) -> tuple[float, float]:
+        """(N, D) minimizing L under 6ND = flops (Hoffmann et al. eq. 4)."""
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        n = g * (flops / 6) ** (self.beta / (self.alpha + self.beta))
+        return n, flops / (6 * n)
+
+    def tokens_for_loss(self, n: float, loss: float) -> float | None:
+        """D at which a model of N parameters reaches `loss`, or None if it never does."""
+        gap = loss - self.E - self.A / n**self.alpha
+        return (self.B / gap) ** (1 / self.beta) if gap > 0 else None
+
+    def inference_aware(self, flops: float, inference_tokens: float) -> tuple[float, float]:
+        """(N, D) reaching the compute-optimal model's loss at the least training + inference cost
+        (6ND + 2N per served token; Sardana & Frankle 2023): smaller and longer-trained."""
+        n_opt, d_opt = self.optimal(flops)
+        target = self.loss(n_opt, d_opt)
+        best = (6 * n_opt * d_opt + 2 * n_opt * inference_tokens, n_opt, d_opt)
+        for n in n_opt * np.logspace(-2, 0, 400):
+            d = self.tokens_for_loss(n, target)
+            if d is not None:
+                best = min(best, (6 * n * d + 2 * n * inference_tokens, n, d))
+        return best[1], best[2]
+
+
+FITS = {
+    "epoch": LossFit(1.8172, 482.01, 2085.43, 0.3478, 0.3658, "Besiroglu et al. 2024, arXiv 2404.10102, Table 1"),
+    "hoffmann": LossFit(1.69, 406.4, 410.7, 0.34, 0.28, "Hoffmann et al. 2022, arXiv 2203.15556, eq. 10"),
+}
+
+
+# -- fits of our own runs: L(C) = a * C^-b + c --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PowerFit:
+    """L(C) = a * (C / scale)^-b + c, C in FLOPs (scale keeps a near 1)."""
+
+    a: float
+    b: float
+    c: float
+    scale: float
+
+    def __call__(self, flops: float | np.ndarray) -> float | np.ndarray:
+        return self.a * (np.asarray(flops) / self.scale) ** -self.b + self.c
+
+
+def fit_power_law(flops: np.ndarray, loss: np.ndarray, floor: bool = True) -> PowerFit:
+    """Robust (soft-L1) least squares in log-loss space; the floor c stays in [0, min loss), or is 0
+    without `floor` (Kaplan et al.'s pure power law: fewer parameters for a short ladder)."""
+    try:
+        from scipy.optimize import least_squares
+    except ImportError as e:
+        raise UserError("fitting runs needs scipy: pip install 'longboi[scaling]'") from e
+    flops, loss = np.asarray(flops, float), np.asarray(loss, float)
+    if len(flops) < (3 if floor else 2):
+        raise UserError(f"a power law {'with a floor ' if floor else ''}needs more runs than {len(flops)}")
+    scale = float(np.exp(np.log(flops).mean()))
+    x = np.log(flops / scale)
+
+    def residuals(p):
+        log_a, b, c = (*p, 0.0) if not floor else p
+        return np.log(np.exp(log_a) * np.exp(-b * x) + c) - np.log(loss)
+
+    start = [math.log(max(loss.mean() * 0.5, 1e-3)), 0.1, loss.min() * 0.5][: 3 if floor else 2]
+    low, high = [-20.0, 1e-4, 0.0], [20.0, 3.0, loss.min() * (1 - 1e-6)]
+    result = least_squares(
+        residuals, start, bounds=(low[: len(start)], high[: len(start)]), loss="soft_l1", f_scale=0.01
+    )
+    log_a, b, c = (*result.x, 0.0) if not floor else result.x
+    return PowerFit(math.exp(log_a), float(b), float(c), scale)
+
+
+def bootstrap(
+    flops: np.ndarray, loss: np.ndarray, at: float, samples: int = 300, seed: int = 0, floor: bool = True
+) -> tuple:
+    """(5th, 95th) percentile of the prediction at `at` FLOPs over fits to residual-resampled losses
+    (with a handful of runs, resampling the runs themselves leaves too few distinct points)."""
+    fit = fit_power_law(flops, loss, floor)
+    fitted = fit(flops)
+    log_resid = np.log(loss) - np.log(fitted)
+    rng = np.random.default_rng(seed)
+    preds = []
+    for _ in range(samples):
+        noisy = fitted * np.exp(rng.choice(log_resid, len(loss), replace=True))
+        try:
+            preds.append(float(fit_power_law(flops, noisy, floor)(at)))
+        except (ValueError, UserError):  # a degenerate resample
+            continue
+    return float(np.percentile(preds, 5)), float(np.percentile(preds, 95))
+
+
+@dataclass(frozen=True)
+class RunPoint:
+    """One finished run: training FLOPs (the MFU counter's), final validation loss, size."""
+
+    name: str
+    flops: float
+    loss: float
+    params: int
+    tokens: int
+
+
+def read_run(run_dir: str | Path) -> RunPoint:
+    """A finished run's FLOPs and final validation loss from its metrics.jsonl."""
+    import yaml
+
+    from longboi.plan import model_stats
+    from longboi.train.config import config_from_dict
+
+    run = Path(run_dir)
+    metrics = run / "metrics.jsonl"
+    if not metrics.is_file() or not (run / "config.yaml").is_file():
+        raise UserError(f"{run}: not a finished run directory (needs config.yaml and metrics.jsonl)")
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
+    if not train or not evals:
+        raise UserError(f"{metrics}: no {'training' if not train else 'validation'} records (was evaluation on?)")
+    saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    saved.pop("resolved", None)  # what the run worked out (micro-batch, steps), beside the config it was given
+    cfg = config_from_dict(saved, str(run / "config.yaml"))
+    stats = model_stats(cfg.model)
+    flops = train[-1].get("flops")
+    if flops is None:  # runs from before the counter was logged: tokens x FLOPs/token at the run's length
+        seq = train[-1]["tokens"] / max(1, train[-1]["step"] * cfg.global_batch_size)
+        flops = train[-1]["tokens"] * model_stats(cfg.model, round(seq)).train_flops_per_token
+    return RunPoint(run.name, float(flops), float(evals[-1]["val_loss"]), stats.params, int(train[-1]["tokens"]))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    flops: float
+    loss: float
+    low: float  # 5th percentile (residual bootstrap)
+    high: float  # 95th percentile
+
+
+def fit_runs(
+    points: list[RunPoint], predict_flops: float | None = None, floor: bool = True
+) -> tuple[PowerFit, Prediction | None]:
+    """Fit L(C) to the runs and print each run's residual; predict at `predict_flops` with a 90% interval."""
+    flops, loss = np.array([p.flops for p in points]), np.array([p.loss for p in points])
+    fit = fit_power_law(flops, loss, floor)
+    print(f"{'run':24} {'params':>9} {'tokens':>9} {'FLOPs':>9} {'val loss':>9} {'fit':>7} {'resid':>7}")
+    for p in sorted(points, key=lambda p: p.flops):
+        fitted = float(fit(p.flops))
+        print(
+            f"{p.name[:24]:24} {p.params:9.3g} {p.tokens:9.3g} {p.flops:9.3g} {p.loss:9.4f} {fitted:7.4f} "
+            f"{100 * (p.loss / fitted - 1):+6.2f}%"
+        )
+    print(f"fit: L(C) = {fit.a:.4g} * (C / {fit.scale:.3g})^-{fit.b:.4f} + {fit.c:.4f}   (C in FLOPs)")
+    if predict_flops is None:
+        return fit, None
+    low, high = bootstrap(flops, loss, predict_flops, floor=floor)
+    pred = Prediction(predict_flops, float(fit(predict_flops)), low, high)
+    ratio = predict_flops / flops.max()
+    interval = f"90%: {low:.4f}-{high:.4f}"
+    print(f"prediction at {predict_flops:.3g} FLOPs ({ratio:.1f}x the largest run): {pred.loss:.4f} ({interval})")
+    return fit, pred
+
+
+def plot_fit(
+    points: list[RunPoint], fit: PowerFit, pred: Prediction | None, path: str | Path, actual=None, alt=None
+) -> Path:
+    """Log-log PNG: runs as points, the fit, the prediction with its interval (and the actual loss if known;
+    `alt`: a second (fit, prediction), dashed)."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise UserError("the plot needs matplotlib: pip install 'longboi[scaling]' (or --png none)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    flops = np.array([p.flops for p in points])
+    right = max(flops.max(), pred.flops if pred else 0) * 1.5
+    grid = np.logspace(np.log10(flops.min() / 1.5), np.log10(right), 200)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(grid, fit(grid), "-", color="C0", label=f"fit: {fit.a:.3g}(C/{fit.scale:.2g})^-{fit.b:.3f} + {fit.c:.3f}")
+    ax.scatter(flops, [p.loss for p in points], color="C0", zorder=3, label="runs (fitted)")
+    if pred is not None:
+        err = [[pred.loss - pred.low], [pred.high - pred.loss]]
+        ax.errorbar([pred.flops], [pred.loss], yerr=err, fmt="s", color="C1", capsize=4, label="prediction (90%)")
+    if alt is not None:
+        other, guess = alt
+        label = f"{other.a:.3g}(C/{other.scale:.2g})^-{other.b:.3f}" + (
+            f" + {other.c:.3f}" if other.c else " (no floor)"
+        )
+        ax.plot(grid, other(grid), "--", color="C2", label=label)
+        if guess is not None:
+            err = [[guess.loss - guess.low], [guess.high - guess.loss]]
+            ax.errorbar([guess.flops * 1.04], [guess.loss], yerr=err, fmt="D", color="C2", capsize=4)
+    if actual is not None:
+        ax.scatter([pred.flops], [actual], marker="*", s=140, color="C3", zorder=4, label="held-out run (actual)")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss (nats/token)")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 2.4, not 2.4 x 10^0
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
