@@ -25,6 +25,23 @@ def build(cfg: ModelConfig, seed: int = 0) -> MPTForCausalLM:
     return MPTForCausalLM(cfg).eval()
 
 
+def trained(tokenizer, steps: int = 40, **cfg) -> MPTForCausalLM:
+    """A small model trained a few steps on Shakespeare: peaked next-token distributions, so greedy decoding
+    has real margins (random weights give near-ties that any rounding flips) and weights are not noise."""
+    model = build(small_config(max_seq_len=128, **cfg), seed=1).train()
+    ids = torch.tensor(tokenizer.encode((SHARED / "text" / "tinyshakespeare.txt").read_text()[:40_000]))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
+        batch = torch.stack([ids[s : s + 65] for s in starts])
+        loss = model(batch[:, :-1], labels=batch[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path() -> Path:
     if not TOKENIZER.is_file():

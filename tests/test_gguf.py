@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, build, small_config
+from conftest import SHARED, build, small_config, trained
 
 from longboi.checkpoint import load_model, load_tokenizer, save_checkpoint
 from longboi.cli import main
@@ -40,23 +40,6 @@ def checkpoint(tmp_path, tokenizer, **cfg):
     path = tmp_path / "ck"
     save_checkpoint(build(small_config(max_seq_len=128, **cfg), seed=1), path, tokenizer)
     return path
-
-
-def trained(tokenizer, steps: int = 40, **cfg):
-    """A model trained a few steps on Shakespeare: peaked next-token distributions, so greedy decoding
-    has real margins (random weights give near-ties that any rounding flips)."""
-    model = build(small_config(max_seq_len=128, **cfg), seed=1).train()
-    ids = torch.tensor(tokenizer.encode((SHARED / "text" / "tinyshakespeare.txt").read_text()[:40_000]))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
-        batch = torch.stack([ids[s : s + 65] for s in starts])
-        loss = model(batch[:, :-1], labels=batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, build, small_config
+from conftest import build, small_config, trained
 
 from longboi.checkpoint import save_checkpoint
 from longboi.cli import main
@@ -14,21 +14,6 @@ pytest.importorskip("onnxscript", reason="the ONNX exporter needs onnxscript (de
 from longboi.export.onnx import OnnxDecoder, export_onnx, io_names  # noqa: E402
 
 PROMPTS = ["Once upon a time", "The capital of France is", "First Citizen:\nBefore we proceed any further"]
-
-
-def trained(tokenizer, steps: int = 40, **cfg):
-    """A few steps on Shakespeare, so weights are not symmetric noise and greedy choices have margins."""
-    model = build(small_config(max_seq_len=128, **cfg), seed=1).train()
-    ids = torch.tensor(tokenizer.encode((SHARED / "text" / "tinyshakespeare.txt").read_text()[:40_000]))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = torch.stack([ids[s : s + 65] for s in torch.randint(0, len(ids) - 65, (8,), generator=g)])
-        loss = model(batch[:, :-1], labels=batch[:, 1:])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval()
 
 
 def left_padded(tok: Tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
