@@ -245,8 +245,10 @@ class AttentionMask:
     def bias(self, start: int, end: int) -> torch.Tensor:
         """Additive fp32 bias for query rows [start, end): (B or 1, H or 1, end-start, Tk), -inf where masked."""
         offsets = torch.arange(start, end, device=self.key_pos.device)
-        first = self.row_start[:, None] if self.row_start is not None else torch.tensor([[self.past]])
-        q_pos = first.to(offsets.device) + offsets  # (B|1, c)
+        if self.row_start is not None:
+            q_pos = self.row_start.to(offsets.device)[:, None] + offsets  # (B, c)
+        else:  # no host tensor: traces with symbolic lengths (the ONNX export builds its bias here too)
+            q_pos = (offsets + self.past)[None]  # (1, c)
         allowed = self.key_pos[None, None, :] <= q_pos[:, :, None]  # (B|1, c, Tk)
         if self.sequence_id is not None:
             sid_q = self.sequence_id[:, self.past + start : self.past + end]

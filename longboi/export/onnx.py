@@ -6,7 +6,7 @@ Batch, new-token and past lengths are all dynamic, so the same graph prefills (p
 (T 1). The model's own forward picks an attention path by shape and data (cache objects, chunked
 biases), which an exported graph cannot; `_Decoder` reuses every weight-bearing module and computes
 attention in the one form that serves all shapes: SDPA with the full (B, H, T, past + T) ALiBi +
-padding bias, the same bias `AttentionMask.bias` builds. Weights go to `model.onnx.data` (external
+padding bias, built by `AttentionMask.bias` itself. Weights go to `model.onnx.data` (external
 data: graphs over 2 GB cannot hold them inline). Needs `onnx` + `onnxscript` to export (the `export`
 extra) and `onnxruntime` to run.
 """
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longboi.checkpoint import atomic_directory, config_json, load_config
-from longboi.model import MPTForCausalLM
+from longboi.generate import left_pad
+from longboi.model import AttentionMask, MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 
 
@@ -37,18 +38,18 @@ class _Decoder(nn.Module):
     def __init__(self, model: MPTForCausalLM):
         super().__init__()
         self.model = model
-        slopes = model.transformer.alibi_slopes(torch.device("cpu"))
-        self.register_buffer("slopes", slopes if slopes is not None else torch.zeros(model.config.n_heads))
+        model.transformer.alibi_slopes(torch.device("cpu"))  # fill its cache now, not while tracing
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         trunk, cfg = self.model.transformer, self.model.config
         T, K = input_ids.shape[1], attention_mask.shape[1]  # new tokens; all positions (past + T)
-        key_pos = torch.arange(K, device=input_ids.device)
-        q_pos = torch.arange(T, device=input_ids.device) + (K - T)  # (T,); a slice of key_pos would not trace to T
         x = trunk.wte(input_ids)  # (B, T, d)
         if cfg.learned_pos_emb:  # left padding: a row's first real token is position 0 (as MPTModel)
+            q_pos = torch.arange(T, device=x.device) + (K - T)  # a slice of arange(K) would not trace to length T
             x = x + trunk.wpe((q_pos - (attention_mask == 0).cumsum(dim=1).narrow(1, K - T, T)).clamp(min=0))
-        bias = self._bias(attention_mask.bool(), q_pos, key_pos)
+        # the model's own mask rules, always with key padding; all T query rows at once (one SDPA call)
+        mask = AttentionMask(T, K, trunk.alibi_slopes(x.device), x.device, key_valid=attention_mask.bool())
+        bias = mask.bias(0, T)  # (B, H|1, T, K)
         present = []
         for i, block in enumerate(trunk.blocks):
             attn = block.attn
@@ -62,14 +63,6 @@ class _Decoder(nn.Module):
             x = x + attn.out_proj(y.transpose(1, 2).flatten(2))
             x = x + block.ffn(block.norm_2(x))
         return (self.model.head(trunk.norm_f(x)), *present)
-
-    def _bias(self, valid: torch.Tensor, q_pos: torch.Tensor, key_pos: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, K) fp32: ALiBi relative to each query, -inf on future and padded keys (a padded
-        query still sees itself, so no row is all -inf), as AttentionMask.bias."""
-        allowed = (key_pos[None, :] <= q_pos[:, None])[None] & (valid[:, None, :] | (key_pos == q_pos[:, None]))
-        rel = (q_pos[:, None] - key_pos[None, :]).float()  # (T, K)
-        scale = self.slopes if self.model.config.alibi else torch.zeros_like(self.slopes)
-        return (-scale[:, None, None] * rel)[None].masked_fill(~allowed[:, None], float("-inf"))
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
@@ -174,9 +167,8 @@ class OnnxDecoder:
     def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy continuations of left-padded prompts, each ending before its EOS (as `longboi generate`:
         the padded part of the vocabulary is never picked)."""
-        width, eos = max(map(len, prompts)), self.tokenizer.eos_id
-        ids = np.array([[0] * (width - len(p)) + p for p in prompts], np.int64)
-        mask = (np.arange(width)[None, :] >= width - np.array([len(p) for p in prompts])[:, None]).astype(np.int64)
+        eos = self.tokenizer.eos_id
+        ids, mask = (t.numpy() for t in left_pad(prompts, self.tokenizer.pad_id))
         past, out, done = self.empty_past(len(prompts)), [[] for _ in prompts], [False] * len(prompts)
         for _ in range(max_new_tokens):
             logits, past = self.step(ids, mask, past)
