@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -88,6 +87,10 @@ class Accelerator:
     mfu_table: str | None  # which LLM Foundry table gives its default MFU (None: a proxy, said so)
     bf16: bool = True  # trains in bf16 autocast (a CPU without native bf16 trains in fp32)
 
+    @property
+    def usable_bytes(self) -> float:
+        return USABLE_MEMORY * self.memory_gib * 2**30
+
 
 ACCELERATORS = {
     a.name: a
@@ -153,12 +156,11 @@ def default_mfu(acc: Accelerator, params: float) -> tuple[float, str]:
 
 def measured_mfu(run_dir: str | Path) -> tuple[float, str]:
     """The median MFU over the second half of a run's logged steps (its own hardware's peak)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"--mfu measured:{run_dir}: no metrics.jsonl there")
-    values = [r["mfu"] for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == "train"]
+    from longboi.train.monitor import read_metrics
+
+    values = [r["mfu"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
     if not values:
-        raise UserError(f"{path}: no training records with mfu")
+        raise UserError(f"{run_dir}/metrics.jsonl: no training records with mfu")
     return float(np.median(values[len(values) // 2 :])), f"measured by {run_dir} (on its own hardware)"
 
 
@@ -206,11 +208,10 @@ def train_memory(
 
 def largest_micro_batch(cfg: ModelConfig, seq_len: int, acc: Accelerator, devices: int, checkpointing: bool) -> int:
     """The largest micro-batch (<= 256) whose estimate fits in the usable memory; 0 if none does."""
-    usable = USABLE_MEMORY * acc.memory_gib * 2**30
     fits = [
         b
         for b in range(1, 257)
-        if train_memory(cfg, seq_len, b, devices, checkpointing, mixed=acc.bf16).total <= usable
+        if train_memory(cfg, seq_len, b, devices, checkpointing, mixed=acc.bf16).total <= acc.usable_bytes
     ]
     return max(fits, default=0)
 
@@ -297,7 +298,7 @@ def report(p: TrainingPlan, cfg: ModelConfig, seq_len: int, micro_batch: int | N
     for ac in (False, True):
         batch = micro_batch or largest_micro_batch(cfg, seq_len, acc, p.devices, ac) or 1
         mem = train_memory(cfg, seq_len, batch, p.devices, ac, mixed=acc.bf16)
-        fits = mem.total <= USABLE_MEMORY * acc.memory_gib * 2**30
+        fits = mem.total <= acc.usable_bytes
         label = "with activation checkpointing" if ac else "without checkpointing"
         gib = [x / 2**30 for x in (mem.state, mem.gathered, mem.activations, mem.logits, mem.total)]
         print(
@@ -308,9 +309,10 @@ def report(p: TrainingPlan, cfg: ModelConfig, seq_len: int, micro_batch: int | N
         )
         out[f"memory_gib_{'ac' if ac else 'no_ac'}"] = {"micro_batch": batch, "total": gib[4], "fits": fits}
     print(f"throughput   MFU {p.mfu:.1%} ({p.mfu_source}) -> {p.tokens_per_s_per_device:,.0f} tokens/s per GPU")
+    source = " (default: Llama 3's >90% effective training time, arXiv 2407.21783)"
     print(
         f"time         ideal {duration(p.ideal_s)} at that MFU; expected {duration(p.expected_s)} at goodput "
-        f"{p.goodput:.0%} (default: Llama 3's >90% effective training time, arXiv 2407.21783)"
+        f"{p.goodput:.0%}{source if p.goodput == DEFAULT_GOODPUT else ''}"
     )
     cost = f"; ${p.usd:,.0f} at ${p.price_per_hour:.2f}/GPU-hour" if p.usd is not None else ""
     print(f"cost         {p.device_hours:,.0f} GPU-hours{cost}")

@@ -12,7 +12,6 @@ predict our loss. For that, `fit_power_law` fits L(C) = a * C^-b + c to runs tra
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,12 +143,12 @@ def read_run(run_dir: str | Path) -> RunPoint:
 
     from longboi.plan import model_stats
     from longboi.train.config import config_from_dict
+    from longboi.train.monitor import read_metrics
 
     run = Path(run_dir)
-    metrics = run / "metrics.jsonl"
-    if not metrics.is_file() or not (run / "config.yaml").is_file():
+    if not (run / "config.yaml").is_file():
         raise UserError(f"{run}: not a finished run directory (needs config.yaml and metrics.jsonl)")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records, metrics = read_metrics(run), run / "metrics.jsonl"
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval" and "val_loss" in r]
     if not train or not evals:
