@@ -23,6 +23,7 @@ from longboi.hardware import cpu_capability, cpu_model
 from longboi.plan import model_stats
 from longboi.scaling import fit_runs, plot_fit, read_run
 from longboi.train.config import load_train_config
+from longboi.train.monitor import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
@@ -56,8 +57,7 @@ def train(name: str, reuse: bool) -> float:
     """Train configs/scaling/NAME.yaml from the repository root; seconds taken (training alone when reused)."""
     run = WORK / name
     if reuse and (run / "final").is_dir():  # its own training time, from its log
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return next(r["elapsed_s"] for r in reversed(records) if r["kind"] == "train")
+        return next(r["elapsed_s"] for r in reversed(read_metrics(run)) if r["kind"] == "train")
     shutil.rmtree(run, ignore_errors=True)
     start = time.perf_counter()
     assert longboi(["train", str(ROOT / "configs" / "scaling" / f"{name}.yaml")]) == 0
