@@ -585,9 +585,14 @@ def eval(  # noqa: A001 - the command is `longboi eval`
     model, tok = _load(ckpt, dtype)
     results, skipped = evaluate(model, tok, task_list, data_root, max_seq_len, limit)
     scores = gauntlet_scores(g, results) if g else None
-    path = write_results(results, skipped, out or Path(ckpt) / "eval", scores)
+    path = write_results(results, skipped, out or Path(ckpt) / "eval", scores, _precision_of(model))
     print((path / "results.md").read_text())
-    return {"results": [r.__dict__ for r in results], "skipped": skipped, "gauntlet": scores}
+    return {
+        "results": [r.__dict__ for r in results],
+        "skipped": skipped,
+        "gauntlet": scores,
+        "precision": _precision_of(model),
+    }
 
 
 def perplexity(
@@ -618,11 +623,12 @@ def perplexity(
 
     model, tok = _load(ckpt, dtype, quantize=quantize)
     r = run(model, tok, load_tokens(source, tok), seq_len or model.config.max_seq_len, stride, batch_size, max_tokens)
+    precision = _precision_of(model)
     print(
         f"{source}: loss {r.loss:.4f} nats/token, perplexity {r.perplexity:.2f}, {r.bits_per_byte:.4f} bits/byte "
-        f"over {r.tokens:,} tokens ({r.tokens_per_s:,.0f} tokens/s)"
+        f"over {r.tokens:,} tokens ({r.tokens_per_s:,.0f} tokens/s, {precision})"
     )
-    return r.__dict__ | {"tokens_per_s": r.tokens_per_s}
+    return r.__dict__ | {"tokens_per_s": r.tokens_per_s, "precision": precision}
 
 
 def serve(
@@ -773,6 +779,12 @@ def _config_of(target: str):
     if target in PRESETS or not Path(target).exists():
         return preset(target)
     return load_config(target)
+
+
+def _precision_of(model) -> str:
+    from longboi.quantize import precision_of
+
+    return precision_of(model)
 
 
 def _load(ckpt: str, dtype: Precision, allow_pickle: bool = False, quantize: Quantize = "none"):

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from longboi.config import Precision
+from longboi.errors import UserError
 
 # Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity).
 GPU_PEAK_BF16 = {
@@ -102,11 +103,21 @@ def _torch_cpu_probe(name: str) -> bool:
 _ANNOUNCED: set[tuple] = set()
 
 
+# Makes `auto` mean this precision whatever the device computes natively: the test suite runs as on the
+# other kind of CPU with it (`pytest --auto-precision bf16`, or the variable set by hand).
+AUTO_PRECISION_ENV = "LONGBOI_AUTO_PRECISION"
+
+
 def resolve_precision(requested: Precision, device: torch.device, quiet: bool = False) -> PrecisionChoice:
     """`auto` -> bf16 where native, else fp32. The choice and its reason are printed once per process;
     an explicit bf16 on a CPU that emulates it runs, with a warning that gives the measured slowdown."""
     native, evidence = native_bf16(device)
-    if requested == "auto":
+    forced = os.environ.get(AUTO_PRECISION_ENV, "")
+    if forced and forced not in ("fp32", "bf16"):
+        raise UserError(f"environment variable {AUTO_PRECISION_ENV}={forced!r}: expected fp32 or bf16 (or unset)")
+    if requested == "auto" and forced:
+        choice = PrecisionChoice(forced, f"auto: {AUTO_PRECISION_ENV}={forced} ({evidence})")  # type: ignore[arg-type]
+    elif requested == "auto":
         choice = PrecisionChoice("bf16" if native else "fp32", f"auto: {evidence}")
     else:
         choice = PrecisionChoice(requested, f"requested ({evidence})")
@@ -114,7 +125,7 @@ def resolve_precision(requested: Precision, device: torch.device, quiet: bool = 
     if not quiet and key not in _ANNOUNCED:
         _ANNOUNCED.add(key)
         print(f"precision: {choice.precision} ({choice.reason})", file=sys.stderr)
-        if requested == "bf16" and not native and device.type == "cpu":
+        if choice.bf16 and not native and device.type == "cpu":
             slowdown = cpu_peak_flops(False) / cpu_peak_flops(True)
             print(
                 f"warning: bf16 on this CPU runs matmuls {slowdown:.0f}x slower than fp32 (measured); "

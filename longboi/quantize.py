@@ -34,3 +34,12 @@ def quantize_int8(model: MPTForCausalLM) -> MPTForCausalLM:
         )
         model.head_proj = torch.ao.quantization.quantize_dynamic(nn.Sequential(head), {nn.Linear}, dtype=torch.qint8)
     return model.eval()
+
+
+def precision_of(model: MPTForCausalLM) -> str:
+    """What a loaded model computes in (fp32, bf16, or int8 weights), for results and start-up lines:
+    the numbers depend on it."""
+    if model.head_proj is not None:  # quantize_int8 was applied
+        return "int8 weights, fp32 activations"
+    dtype = model.transformer.wte.weight.dtype
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype).removeprefix("torch."))

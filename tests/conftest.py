@@ -9,6 +9,27 @@ from longboi.config import ModelConfig
 from longboi.data.prepare import prepare
 from longboi.model import MPTForCausalLM
 
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--auto-precision",
+        choices=["native", "fp32", "bf16"],
+        default="native",
+        help="what `precision: auto` / `--dtype auto` means in this run (and its subprocesses): the CPU's native "
+        "choice, or as on the other kind of CPU (bf16 on an AVX2 machine is slow: pick the tests with -k)",
+    )
+
+
+def pytest_configure(config):
+    import os
+
+    from longboi.hardware import AUTO_PRECISION_ENV
+
+    chosen = config.getoption("--auto-precision")
+    if chosen != "native":
+        os.environ[AUTO_PRECISION_ENV] = chosen  # inherited by the CLI subprocesses the tests start
+
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"

@@ -21,6 +21,7 @@ from longboi.eval.harness import (
     run_task,
 )
 from longboi.eval.tasks import TaskBuilder, TaskConfig, fewshot_indices, generation_correct, normalize_answer, read_rows
+from longboi.hardware import resolve_precision
 from longboi.tokenizer import Tokenizer
 
 FIXTURES = SHARED / "eval" / "tests_local_data"
@@ -256,6 +257,8 @@ def test_cli_eval_writes_results_and_skips_missing_files(tmp_path, tokenizer_pat
     piqa = out["tasks"][0]["accuracy"]
     assert math.isclose(out["gauntlet"]["reasoning"], (piqa - 0.5) / 0.5)
     assert "| piqa | 0 |" in (tmp_path / "ck" / "eval" / "results.md").read_text()
+    auto = resolve_precision("auto", torch.device("cpu"), quiet=True).precision  # the default --dtype auto
+    assert out["precision"] == auto and f"Precision: {auto}" in (tmp_path / "ck" / "eval" / "results.md").read_text()
 
 
 def test_gauntlet_arithmetic():
@@ -318,7 +321,8 @@ def test_perplexity_past_the_trained_length(tmp_path, model, tok, capsys):
         main(["perplexity", str(tmp_path / "ck"), str(SHARED / "text" / "tinystories_sample.txt"), "--seq-len", "128"])
         == 0
     )
-    assert "bits/byte" in capsys.readouterr().out
+    auto = resolve_precision("auto", torch.device("cpu"), quiet=True).precision
+    assert "bits/byte" in (printed := capsys.readouterr().out) and f"tokens/s, {auto})" in printed
 
 
 def test_perplexity_equals_a_hand_computation(model, tok):

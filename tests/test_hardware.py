@@ -13,6 +13,12 @@ from longboi.hardware import MFU, resolve_precision
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def machine_decides(monkeypatch):
+    """These tests are about the machine's own decision: no `--auto-precision` switch in effect."""
+    monkeypatch.delenv(hw.AUTO_PRECISION_ENV, raising=False)
+
+
 @pytest.fixture
 def cpu_with(monkeypatch):
     """Pretend the CPU has these /proc/cpuinfo flags (torch's own probes agree)."""
@@ -120,3 +126,14 @@ def test_measuring_the_peak_leaves_the_training_rng_alone():
     torch.manual_seed(1)
     hw.measure_matmul_flops(torch.float32)
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_the_auto_precision_switch_overrides_the_machine_and_says_so(cpu_with, monkeypatch, capsys):
+    cpu_with("avx2", "fma")
+    monkeypatch.setenv(hw.AUTO_PRECISION_ENV, "bf16")
+    choice = resolve_precision("auto", CPU)
+    assert choice.precision == "bf16" and hw.AUTO_PRECISION_ENV in choice.reason
+    assert resolve_precision("fp32", CPU, quiet=True).precision == "fp32"  # an explicit choice still wins
+    monkeypatch.setenv(hw.AUTO_PRECISION_ENV, "fp16")
+    with pytest.raises(hw.UserError, match="expected fp32 or bf16"):
+        resolve_precision("auto", CPU, quiet=True)

@@ -41,6 +41,7 @@ def test_cli_generate_and_perplexity_with_int8(tmp_path, tokenizer_path, capsys)
     assert "--quantize int8 computes activations in fp32" in capsys.readouterr().err
     text = SHARED / "text" / "tinyshakespeare.txt"
     assert main(["perplexity", str(ck), str(text), "--max-tokens", "300", "--quantize", "int8"]) == 0
+    assert "int8 weights, fp32 activations)" in capsys.readouterr().out
 
 
 def test_the_serving_engine_runs_an_int8_model(tokenizer_path):

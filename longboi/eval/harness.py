@@ -151,11 +151,17 @@ def _partitions(rows: list[dict], cfg: TaskConfig, path: Path) -> dict[str, list
 
 
 def write_results(
-    results: list[TaskResult], skipped: list[str], out: str | Path, gauntlet: dict[str, float] | None = None
+    results: list[TaskResult],
+    skipped: list[str],
+    out: str | Path,
+    gauntlet: dict[str, float] | None = None,
+    precision: str | None = None,
 ) -> Path:
+    """results.json and results.md; `precision` (fp32, bf16, ...) is recorded because scores depend on it."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"tasks": [r.__dict__ for r in results], "skipped": skipped, "gauntlet": gauntlet or {}}
+    payload["precision"] = precision
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "| task | shots | type | accuracy | acc (sum logprob) | examples | ex/s |",
@@ -167,6 +173,8 @@ def write_results(
             f"| {r.label} | {r.num_fewshot} | {r.task_type} | {r.accuracy:.4f} | {alt} | {r.examples} | "
             f"{r.examples / max(r.seconds, 1e-9):.1f} |"
         )
+    if precision:
+        lines += ["", f"Precision: {precision} (scores depend on it; `--dtype fp32` reproduces across machines)"]
     if gauntlet:
         lines += ["", "| gauntlet | score |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in gauntlet.items()]
     if skipped:
