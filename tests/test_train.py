@@ -134,6 +134,54 @@ def test_a_wall_clock_run_refuses_a_step_count_warmup(tmp_path, data):
         config_from_dict(cfg, "x")
 
 
+# Every kind of run length, a few optimizer steps long on the 33-token data (4 x 32 tokens per step).
+RUN_LENGTHS = {"steps": "3ba", "tokens": "384tok", "epochs": "0.001ep", "time": "3s"}
+
+
+def defaults_config(data: Path, run_dir: Path, max_duration: str) -> dict:
+    """A run that leaves schedule, eval, checkpoint and spike settings at their defaults."""
+    return {
+        "run_dir": str(run_dir),
+        "model": dict(SMALL_MODEL),
+        "tokenizer": str(TOKENIZER),
+        "data": {"sources": [str(data / "train")], "val": str(data / "val")},
+        "max_duration": max_duration,
+        "global_batch_size": 4,
+        "micro_batch_size": 2,
+        "precision": "fp32",
+        "log": {"progress": False},
+    }
+
+
+@pytest.mark.parametrize("kind", RUN_LENGTHS)
+def test_every_run_length_works_with_the_default_schedule_eval_checkpoint_and_spike(tmp_path, data, kind):
+    """The real command line, nothing set but the run length: no traceback, a final checkpoint."""
+    path = write_config(tmp_path, defaults_config(data, tmp_path / "run", RUN_LENGTHS[kind]))
+    cmd = [sys.executable, "-m", "longboi", "train", str(path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    assert train_losses(tmp_path / "run")  # it trained
+
+
+@pytest.mark.parametrize("kind", RUN_LENGTHS)
+@pytest.mark.parametrize("unit", ["0ba", "1ba", "100tok", "0.0005ep", "0.3dur", "0s", "1s"])
+def test_any_unit_for_warmup_eval_and_checkpoint_trains_or_is_a_one_line_error(tmp_path, data, capsys, kind, unit):
+    """warmup, eval.every and checkpoint.every in every unit against every kind of run length: the run
+    trains, or the CLI refuses the config in one line (a step-based run does not warm up by the clock)."""
+    cfg = defaults_config(data, tmp_path / "run", RUN_LENGTHS[kind])
+    cfg |= {"schedule": {"warmup": unit}, "eval": {"every": unit, "val_batches": 1}, "checkpoint": {"every": unit}}
+    code = main(["train", str(write_config(tmp_path, cfg))])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    refused = kind != "time" and unit == "1s" or kind == "time" and unit in ("1ba", "100tok", "0.0005ep")
+    if refused:
+        assert code == 2 and "schedule.warmup" in err and err.count("error: ") == 1, err
+    else:
+        assert code == 0, err
+        assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
 # -- optimizer and schedule ----------------------------------------------------------------------
 
 
@@ -238,14 +286,14 @@ def test_wall_clock_budget_schedules_by_time_and_ends_inside_the_budget(tmp_path
 def test_explicit_bf16_runs_on_any_cpu_and_auto_takes_the_native_choice(tmp_path, data, capsys):
     """Both branches for real on this machine: `bf16` as asked (slowly, with a warning, where the CPU
     emulates it), and `auto` resolved to what this CPU computes natively, recorded in the run config."""
-    from longboi.hardware import native_bf16
+    from longboi.hardware import native_bf16, resolve_precision
 
+    auto = resolve_precision("auto", torch.device("cpu"), quiet=True).precision  # the machine's, or --auto-precision
     for precision in ("bf16", "auto"):
         cfg = run_config(data, tmp_path / precision, precision=precision, max_duration="2ba", **{"eval.every": "0ba"})
         assert train(config_from_dict(cfg, "x")).steps == 2
         resolved = yaml.safe_load((tmp_path / precision / "config.yaml").read_text())["precision"]
-        native = native_bf16(torch.device("cpu"))[0]
-        assert resolved == ("bf16" if precision == "bf16" or native else "fp32")
+        assert resolved == ("bf16" if precision == "bf16" else auto)
     err = capsys.readouterr().err
     assert ("slower than fp32 (measured)" in err) == (not native_bf16(torch.device("cpu"))[0])
 
@@ -522,6 +570,25 @@ def test_keep_last_k_checkpoints(tmp_path, data):
     cfg = run_config(data, tmp_path / "run", max_duration="6ba", **{"checkpoint.every": "1ba", "checkpoint.keep": 2})
     train(config_from_dict({**cfg, "eval": {"every": "0ba"}}, "x"))
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005", "step-00000006"]
+
+
+def test_one_process_checkpoints_raise_no_distributed_warning_and_other_warnings_still_show(tmp_path, data):
+    """`make demo`'s progress bar showed torch.distributed.checkpoint's "assuming the intent is to save in a
+    single process" at every save; in one process that is the intent. Anything else still warns."""
+    import warnings
+
+    from longboi.train.checkpoint import _one_process_io
+
+    cfg = run_config(data, tmp_path / "run", max_duration="4ba", **{"checkpoint.every": "1ba"})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train(config_from_dict({**cfg, "eval": {"every": "0ba"}}, "x"))  # saves 4 checkpoints
+        train(config_from_dict({**cfg, "max_duration": "5ba", "eval": {"every": "0ba"}}, "x"))  # resumes (a load)
+        with _one_process_io():
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    messages = [str(w.message) for w in seen]
+    assert not [m for m in messages if "torch.distributed is disabled" in m], messages
+    assert "something else" in messages
 
 
 def test_a_30min_checkpoint_interval_follows_the_clock(tmp_path, data):

@@ -9,10 +9,13 @@ crash at any moment leaves the previous checkpoints intact; only renamed directo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,19 @@ from longboi.tokenizer import Tokenizer
 from longboi.train.parallelize import Dist, barrier
 
 STEP_DIR = re.compile(r"step-(\d{8})")
+
+
+@contextlib.contextmanager
+def _one_process_io() -> Iterator[None]:
+    """torch.distributed.checkpoint warns at every save and load without a process group ("assuming the
+    intent is to save in a single process"). In one process that is exactly the intent: silence that
+    warning alone; a run with a process group never takes this path, and every other warning shows."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
@@ -54,7 +70,8 @@ def save(
         tmp.mkdir(parents=True)
     barrier(d)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with _one_process_io():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(_rng_state(d), tmp / f"rng-rank{d.rank}.pt")
     barrier(d)
     if d.is_main:
@@ -70,7 +87,8 @@ def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d
     """Restore model + optimizer (resharded to this world size) and this rank's RNG; return train_state."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     target = {"model": model_sd, "optim": optim_sd}
-    dcp.load(target, checkpoint_id=str(path))
+    with _one_process_io():
+        dcp.load(target, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     rng_file = path / f"rng-rank{d.rank}.pt"
     if rng_file.is_file():  # a new rank (larger world) keeps its seeded RNG
@@ -101,7 +119,8 @@ def export_weights(train_ckpt: str | Path, out: str | Path, tokenizer: str | Pat
     cfg = from_mpt_dict(info["model_config"], str(train_ckpt / "train_state.json"))
     model = MPTForCausalLM(cfg)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(train_ckpt))
+    with _one_process_io():
+        dcp.load(state, checkpoint_id=str(train_ckpt))
     model.load_state_dict(state["model"])
     tok_path = tokenizer or info.get("tokenizer")
     return save_checkpoint(model, out, Tokenizer(tok_path) if tok_path else None)

@@ -185,7 +185,7 @@ def _check_durations(cfg: TrainConfig, where: str) -> None:
             f"{where}: schedule.warmup {cfg.schedule.warmup!r}: with a wall-clock max_duration "
             f"({cfg.max_duration}), give the warmup as a time (20s) or a fraction of the run (0.05dur)"
         )
-    if not total.is_time and warmup.is_time:
+    if not total.is_time and warmup.is_time and warmup.value > 0:
         raise UserError(
             f"{where}: schedule.warmup {cfg.schedule.warmup!r} is a time, but max_duration "
             f"{cfg.max_duration!r} is not: use steps (100ba) or a fraction (0.05dur)"

@@ -86,8 +86,10 @@ class RunClock:
         self.budget_s = length.seconds if length.is_time else None
         self.total = None if length.is_time else length.steps(tokens_per_step, steps_per_epoch)
         warmup = parse_duration(cfg.schedule.warmup)
-        if self.budget_s is None:
-            self.warmup: float = warmup.steps(tokens_per_step, steps_per_epoch, self.total)
+        if warmup.value == 0:  # no warmup, whatever its unit (the default `0ba` in a wall-clock run too)
+            self.warmup: float = 0.0
+        elif self.budget_s is None:
+            self.warmup = warmup.steps(tokens_per_step, steps_per_epoch, self.total)
         else:  # seconds
             self.warmup = warmup.value * self.budget_s if warmup.unit == "dur" else warmup.seconds
         self.tokens_per_step, self.steps_per_epoch = tokens_per_step, steps_per_epoch
