@@ -46,11 +46,12 @@ def build(cfg: ModelConfig, seed: int = 0) -> MPTForCausalLM:
     return MPTForCausalLM(cfg).eval()
 
 
-def trained(tokenizer, steps: int = 40, **cfg) -> MPTForCausalLM:
-    """A small model trained a few steps on Shakespeare: peaked next-token distributions, so greedy decoding
-    has real margins (random weights give near-ties that any rounding flips) and weights are not noise."""
+def trained(tokenizer, steps: int = 40, text: str | None = None, **cfg) -> MPTForCausalLM:
+    """A small model trained a few steps on Shakespeare (or `text`): peaked next-token distributions, so greedy
+    decoding has real margins (random weights give near-ties that any rounding flips) and weights are not noise."""
     model = build(small_config(max_seq_len=128, **cfg), seed=1).train()
-    ids = torch.tensor(tokenizer.encode((SHARED / "text" / "tinyshakespeare.txt").read_text()[:40_000]))
+    text = text if text is not None else (SHARED / "text" / "tinyshakespeare.txt").read_text()[:40_000]
+    ids = torch.tensor(tokenizer.encode(text))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,9 +17,10 @@ from longboi.generate import SamplingParams, generate_ids
 from longboi.tokenizer import Tokenizer
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extras (built from source)")
-# Runs of spaces are left out: llama.cpp's "mpt" pre-tokenizer splits "\n    return" into other tokens than
-# the GPT-NeoX tokenizer does (5 vs 6 ids), a difference of llama.cpp's, seen while writing these tests.
 PROMPTS = ["Once upon a time", "The capital of France is", "def main():\n\treturn 42"]
+# GPT-NeoX's 23 added tokens for runs of spaces are USER_DEFINED in our GGUF: typed CONTROL, llama.cpp
+# neither produced them from text ("\n    return" gave other ids) nor printed them (indentation vanished).
+WHITESPACE = ["\n    return x", "a\t\tb", "    ", "def f(x):\n        if x:\n            return 1\n", "x  \n  y"]
 
 
 def to_gguf(ck, out, outtype="f32", check=True):
@@ -80,6 +82,38 @@ def test_llama_cpp_runs_our_gguf_like_we_do(tmp_path, tokenizer_path, cfg):
                 if len(got) == 64:
                     break
             assert got == expected
+    finally:
+        llm.close()
+
+
+def test_runs_of_spaces_and_tabs_tokenize_generate_and_print_as_ours(tmp_path, tokenizer_path):
+    """Token ids equal ours for whitespace runs, and a model trained on indented code generates the same
+    greedy tokens in llama.cpp, which prints them as the same text, indentation included."""
+    tok = Tokenizer(tokenizer_path)
+    code = (Path(__file__).parents[1] / "longboi" / "model.py").read_text()
+    model = trained(tok, steps=80, text=code)
+    save_checkpoint(model, tmp_path / "ck", tok)
+    llm = llama(to_gguf(tmp_path / "ck", tmp_path / "m.gguf"))
+    try:
+        for text in WHITESPACE:
+            ids = tok.encode(text)
+            assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
+            assert llm.detokenize(ids).decode() == text
+        prompt = tok.encode("    def forward(self, x):\n")
+        greedy = SamplingParams(max_new_tokens=48, temperature=0)
+        expected = torch.stack(list(generate_ids(model, [prompt], greedy, None)), 1)[0].tolist()
+        got = [t for t, _ in zip(llm.generate(prompt, temp=0.0, top_k=1, reset=True), range(48))]
+    finally:
+        llm.close()
+    assert got == expected
+    text = tok.decode(expected)
+    assert llm_text(tmp_path / "m.gguf", got) == text and "\n        " in text  # indentation generated, and printed
+
+
+def llm_text(path, ids: list[int]) -> str:
+    llm = llama(path)
+    try:
+        return llm.detokenize(ids).decode()
     finally:
         llm.close()
 

@@ -103,13 +103,13 @@ def _vocabulary(writer, gguf, tok, vocab_size: int) -> None:
     if model.get("type") != "BPE":
         raise UserError(f"{tok.path}: GGUF export supports byte-level BPE tokenizers, not {model.get('type')}")
     by_id = {i: t for t, i in model["vocab"].items()}
-    special = {a["id"]: a["content"] for a in spec.get("added_tokens", [])}
-    by_id.update(special)
+    added = {a["id"]: a for a in spec.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
     tokens, types = [], []
     for i in range(vocab_size):
         if i in by_id:
             tokens.append(by_id[i])
-            types.append(gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL)
+            types.append(_token_type(gguf, added.get(i)))
         else:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
@@ -123,6 +123,16 @@ def _vocabulary(writer, gguf, tok, vocab_size: int) -> None:
         writer.add_bos_token_id(tok.eos_id)
         writer.add_eos_token_id(tok.eos_id)
     writer.add_add_bos_token(False)
+
+
+def _token_type(gguf, added: dict | None):
+    """NORMAL for the BPE vocabulary; an added token is CONTROL only when special (EOS, padding). The
+    others, such as GPT-NeoX's 23 runs of spaces, are USER_DEFINED, as llama.cpp's own converter marks
+    them: llama.cpp matches those in text and prints them, while CONTROL tokens are neither produced
+    from text nor printed (generated indentation would vanish)."""
+    if added is None:
+        return gguf.TokenType.NORMAL
+    return gguf.TokenType.CONTROL if added.get("special", True) else gguf.TokenType.USER_DEFINED
 
 
 def _tensors(model) -> list[tuple[str, torch.Tensor]]:
