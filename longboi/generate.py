@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -18,13 +19,18 @@ from longboi.model import MPTForCausalLM
 from longboi.tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward when prompts are padded: bounds the bias memory
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer (as vLLM takes); a choice draws from seed + its index
+# Temperatures in (0, MIN_TEMPERATURE) sample at MIN_TEMPERATURE: dividing logits by 1e-45 overflows
+# to inf and the softmax to NaN; at 1e-5 sampling is already the argmax but for exact ties.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 is greedy; top_k None (or 0) and top_p None (or 1) do not
     filter; stop strings end a row's text (not included). Penalties: repetition (CTRL-style, divides
-    a seen token's logit), presence and frequency (OpenAI's: subtract per seen token / per occurrence);
+    the logit of a token seen in the prompt or the output), presence and frequency (OpenAI's, counted
+    over the generated tokens only, as vLLM does: subtract per token generated / per occurrence);
     logit_bias adds to given token ids. Checked on construction: a bad value is a one-line UserError
     naming the field, wherever it came from (CLI, API, server request)."""
 
@@ -51,7 +57,8 @@ class SamplingParams:
             self._check(name, _is_real(getattr(self, name)) and abs(getattr(self, name)) <= 2, "a number in [-2, 2]")
         stops_ok = isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop)
         self._check("stop", stops_ok, "a list of non-empty strings")
-        self._check("seed", self.seed is None or _is_int(self.seed), "an integer or none")
+        seed_ok = self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1])
+        self._check("seed", seed_ok, "a signed 64-bit integer or none")
         bias_ok = all(_is_int(i) and i >= 0 and _is_real(b) and abs(b) <= 100 for i, b in self.logit_bias)
         self._check("logit_bias", bias_ok, "token ids >= 0 mapped to numbers in [-100, 100]")
         if self.top_k == 0:  # 0 means no limit (as in transformers and llama.cpp)
@@ -64,8 +71,14 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether sampling needs the counts of tokens seen so far."""
+        """Whether sampling needs the counts of tokens generated so far."""
         return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    @cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """logit_bias as (ids, values) tensors, built once per request, not once per step."""
+        ids = torch.tensor([i for i, _ in self.logit_bias], dtype=torch.long)
+        return ids, torch.tensor([b for _, b in self.logit_bias], dtype=torch.float32)
 
 
 def _is_int(x: object) -> bool:
@@ -76,26 +89,32 @@ def _is_real(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
-def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], counts: torch.Tensor | None) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generated: torch.Tensor | None,
+    prompt_seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, V) raw logits -> (B, V) fp32 logits after penalties, logit bias, temperature, top-k and top-p,
     each row by its own params (so requests with different settings share one batch).
 
-    counts: (B, V) occurrences of each token in the row's text so far (prompt included), needed when
-    any row is penalized. Order as in Hugging Face: penalty, temperature, top-k, top-p.
+    generated: (B, V) occurrences of each token among the row's generated tokens, needed when any row is
+    penalized; prompt_seen: (B, V) bool, the tokens of the row's prompt (the repetition penalty counts
+    them too, as transformers and vLLM do; presence and frequency penalties do not, as in vLLM).
+    Order as in Hugging Face: penalty, temperature, top-k, top-p.
     """
     logits, col = logits.float(), _column(logits.device)
-    if counts is not None:
-        seen = counts > 0
+    if generated is not None:
+        produced = generated > 0
+        seen = produced if prompt_seen is None else produced | prompt_seen
         rep = col([p.repetition_penalty for p in params])  # CTRL-style: push down every token already seen
         logits = torch.where(seen, torch.where(logits < 0, logits * rep, logits / rep), logits)
-        logits = logits - col([p.frequency_penalty for p in params]) * counts
-        logits = logits - col([p.presence_penalty for p in params]) * seen
-    for row, p in enumerate(params):
-        for token, bias in p.logit_bias:
-            logits[row, token] += bias
+        logits = logits - col([p.frequency_penalty for p in params]) * generated
+        logits = logits - col([p.presence_penalty for p in params]) * produced
+    logits = _add_logit_bias(logits, params)
     if all(p.temperature == 0 for p in params):
         return logits  # greedy rows take the argmax; filtering would keep it anyway
-    logits = logits / col([p.temperature or 1.0 for p in params])
+    logits = logits / col([max(p.temperature, MIN_TEMPERATURE) if p.temperature else 1.0 for p in params])
     ks = [p.top_k if p.top_k is not None and p.top_k < logits.shape[-1] else 0 for p in params]
     if any(ks):
         top = torch.topk(logits, max(ks), dim=-1).values  # (B, k_max), descending
@@ -110,6 +129,17 @@ def process_logits(logits: torch.Tensor, params: Sequence[SamplingParams], count
         drop_sorted[:, -1] = False  # always keep the most likely token
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return logits
+
+
+def _add_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Every row's logit_bias in one indexed add (a request may bias hundreds of ids)."""
+    rows = [r for r, p in enumerate(params) if p.logit_bias]
+    if not rows:
+        return logits
+    ids = torch.cat([params[r].bias_tensors[0] for r in rows]).to(logits.device)
+    values = torch.cat([params[r].bias_tensors[1] for r in rows]).to(logits.device)
+    row_of = torch.repeat_interleave(torch.tensor(rows), torch.tensor([len(params[r].logit_bias) for r in rows]))
+    return logits.index_put((row_of.to(logits.device), ids), values, accumulate=True)
 
 
 def _column(device: torch.device) -> Callable[[list], torch.Tensor]:
@@ -174,16 +204,18 @@ def generate_ids(
     _check_length(model, prompts, params)
     device = next(model.parameters()).device
     ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
-    generators = None if params.seed is None else [torch.Generator(device).manual_seed(params.seed) for _ in prompts]
+    seed = None if params.seed is None else params.seed % 2**64  # torch takes [-2^63, 2^64): one form for both
+    generators = None if seed is None else [torch.Generator(device).manual_seed(seed) for _ in prompts]
     cache = model.new_cache(ids.shape[1] + params.max_new_tokens) if use_cache else None
     logits = _prefill(model, ids, mask, cache)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     rows = [params] * len(prompts)
-    counts = token_counts(ids, mask, logits.shape[-1]) if params.penalized else None  # pads never penalized
+    counts = torch.zeros(len(prompts), logits.shape[-1], device=device) if params.penalized else None
+    prompt_seen = token_counts(ids, mask, logits.shape[-1]) > 0 if params.penalized else None  # pads never seen
     for step in range(params.max_new_tokens):
         if valid_vocab is not None:
             logits[:, valid_vocab:] = float("-inf")
-        token = pick(process_logits(logits, rows, counts), rows, generators)
+        token = pick(process_logits(logits, rows, counts, prompt_seen), rows, generators)
         if counts is not None:
             counts[torch.arange(len(prompts)), token] += 1
         if eos_id is not None:

@@ -129,42 +129,72 @@ class SlotCache:
     decodes them in one forward; each row writes its new keys at its own position and its query sees
     only its own positions (AttentionMask's per-row `row_start`). Rows are left-aligned, so nothing
     is padded on the left and a row's numbers do not depend on the other rows' lengths.
+
+    Memory follows the work: `fit` sizes the buffers to the rows running and the longest of them, with
+    a little headroom so growth is rare, and shrinks them when they are more than twice that. A forward
+    may run a subset of the rows (`select`): a serving engine reruns rows one by one to find which one
+    made a batch fail.
     """
 
-    def __init__(self, n_layers: int, slots: int):
+    ROW_STEP, POSITION_STEP = 8, 64  # buffers grow in these steps (plus a quarter of the positions)
+
+    def __init__(self, n_layers: int, slots: int, max_positions: int | None = None):
         self.n_layers, self.slots, self.rows = n_layers, slots, 0
+        self.max_positions = max_positions  # no row is ever longer (the server's max_model_len)
         self.lengths = torch.zeros(slots, dtype=torch.long)  # cached positions per row
-        self.keys: torch.Tensor | None = None  # (L, slots, Hkv, capacity, D), zero-filled: masked keys stay finite
+        self.keys: torch.Tensor | None = None  # (L, R, Hkv, C, D), R <= slots; zero-filled: masked keys stay finite
         self.values: torch.Tensor | None = None
+        self.select: torch.Tensor | None = None  # (n,) rows of this forward; None: rows 0..rows-1
 
     @property
     def starts(self) -> torch.Tensor:
-        """(rows,) first position of this forward's queries in each active row."""
-        return self.lengths[: self.rows]
+        """(n,) first position of this forward's queries in each of its rows."""
+        return self.lengths[self.select] if self.select is not None else self.lengths[: self.rows]
 
     @property
     def length(self) -> int:
-        """The longest active row: keys of this forward span [0, length + T)."""
-        return int(self.starts.max()) if self.rows else 0
+        """The longest row of this forward: its keys span [0, length + T)."""
+        starts = self.starts
+        return int(starts.max()) if len(starts) else 0
 
     @property
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[3]
 
-    def reserve(self, positions: int, like: torch.Tensor | None = None) -> None:
-        """Make room for `positions` per row (doubling). The first call gives `like`, a (L, B, Hkv, T, D)
-        cache buffer (a prefill KVCache's keys) whose dtype, device and head layout to copy."""
-        if positions <= self.capacity:
-            return
+    @property
+    def nbytes(self) -> int:
+        keys = self.keys  # read once: a metrics thread may ask while the engine reallocates
+        return 0 if keys is None else 2 * keys.nbytes
+
+    def target(self, rows: int, positions: int) -> tuple[int, int]:
+        """The (rows, positions) `fit` allocates for this much work: a little above it, never past the limits."""
+        if rows > self.ROW_STEP:  # a few rows are allocated exactly; many in steps
+            rows = min(self.slots, -(-rows // self.ROW_STEP) * self.ROW_STEP)
+        room = positions + positions // 4
+        positions = max(positions, -(-room // self.POSITION_STEP) * self.POSITION_STEP)
+        return rows, positions if self.max_positions is None else min(positions, max(self.max_positions, 1))
+
+    def fit(self, rows: int, positions: int, like: torch.Tensor | None = None) -> None:
+        """Make room for `rows` rows of `positions` positions, keeping rows 0..self.rows-1. Grows when
+        short; shrinks when more than twice the target. `like` (a (L, B, Hkv, T, D) cache buffer) gives
+        dtype, device and head layout before the first allocation."""
+        have_rows = 0 if self.keys is None else self.keys.shape[1]
+        want_rows, want_positions = self.target(rows, positions)
+        short = rows > have_rows or positions > self.capacity
+        roomy = have_rows * self.capacity > 2 * want_rows * want_positions
+        if short or roomy:
+            self._reallocate(want_rows, want_positions, like)
+
+    def _reallocate(self, rows: int, positions: int, like: torch.Tensor | None) -> None:
         like = self.keys if self.keys is not None else like
-        assert like is not None, "the first reserve needs a filled cache to copy the layout from"
-        capacity = max(positions, 2 * self.capacity)
+        assert like is not None, "the first fit needs a filled cache to copy the layout from"
         _, _, h, _, d = like.shape
-        keys = like.new_zeros(self.n_layers, self.slots, h, capacity, d)
-        values = like.new_zeros(self.n_layers, self.slots, h, capacity, d)
-        if self.keys is not None and self.values is not None:
-            keys[:, :, :, : self.capacity] = self.keys
-            values[:, :, :, : self.capacity] = self.values
+        keys = like.new_zeros(self.n_layers, rows, h, positions, d)
+        values = like.new_zeros(self.n_layers, rows, h, positions, d)
+        if self.keys is not None and self.values is not None and self.rows:
+            kept = min(positions, self.capacity)  # the live rows' lengths are within both
+            keys[:, : self.rows, :, :kept] = self.keys[:, : self.rows, :, :kept]
+            values[:, : self.rows, :, :kept] = self.values[:, : self.rows, :, :kept]
         self.keys, self.values = keys, values
 
     def insert(self, row: int, source: KVCache, source_row: int = 0) -> None:
@@ -185,24 +215,29 @@ class SlotCache:
         self.lengths[dst] = n
 
     def release(self) -> None:
-        """Free the buffers (nothing running); the next reserve allocates afresh."""
+        """Free the buffers (nothing running); the next fit allocates afresh."""
         self.keys = self.values = None
-        self.rows = 0
+        self.rows, self.select = 0, None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (rows, Hkv, T, D) keys/values at each row's own positions; return (rows, Hkv, Tk, D)."""
+        """Store (n, Hkv, T, D) keys/values at each row's own positions; return (n, Hkv, Tk, D)."""
         assert self.keys is not None and self.values is not None
         n, T = k.shape[0], k.shape[2]
         pos = self.starts[:, None] + torch.arange(T)  # (n, T)
         end = int(pos.max()) + 1
-        assert end <= self.capacity, "SlotCache.reserve was not called for this step"
-        row = torch.arange(n)[:, None]
+        assert end <= self.capacity, "SlotCache.fit was not called for this step"
+        row = (self.select if self.select is not None else torch.arange(n))[:, None]  # (n, 1)
         self.keys[layer, row, :, pos] = k.transpose(1, 2)  # indexed (n, T, Hkv, D)
         self.values[layer, row, :, pos] = v.transpose(1, 2)
+        if self.select is not None:  # a subset of the rows: gathered (a copy), only when isolating a failure
+            return self.keys[layer, self.select, :, :end], self.values[layer, self.select, :, :end]
         return self.keys[layer, :n, :, :end], self.values[layer, :n, :, :end]
 
     def advance(self, n: int) -> None:
-        self.lengths[: self.rows] += n
+        if self.select is not None:
+            self.lengths[self.select] += n
+        else:
+            self.lengths[: self.rows] += n
 
 
 class AttentionMask:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -22,6 +23,16 @@ ROLES = ("system", "user", "assistant")
 # Names that mean "end of document" / "padding" across common tokenizers, in order of preference.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|im_end|>")
 PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>")
+
+
+def _byte_to_character() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: printable bytes stand for themselves, the rest map past 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+_BYTE_OF = {c: b for b, c in _byte_to_character().items()}
 
 
 def padded_vocab_size(n: int, multiple: int = 128) -> int:
@@ -89,6 +100,26 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. A byte-level BPE token can hold part of a UTF-8 character
+        (decoding it alone gives U+FFFD): its own bytes come from the byte-to-character map instead."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        byte_level, added = self._byte_layout
+        if byte_level and token_id not in added and all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode()
+
+    @cached_property
+    def _byte_layout(self) -> tuple[bool, frozenset[int]]:
+        """(is the vocabulary byte-level, the ids of added tokens, which are plain text)."""
+        spec = json.loads(self.path.read_text())
+        decoders = [spec.get("decoder") or {}]
+        decoders += decoders[0].get("decoders", []) if decoders[0].get("type") == "Sequence" else []
+        byte_level = any(d.get("type") == "ByteLevel" for d in decoders)
+        return byte_level, frozenset(a["id"] for a in spec.get("added_tokens", []))
 
     def check_fits(self, model_vocab_size: int) -> None:
         """Every id the tokenizer produces must index the model's embedding table."""

@@ -9,7 +9,8 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from longboi.generate import SamplingParams, generate, generate_ids, process_logits, stream, token_counts
+from longboi.errors import UserError
+from longboi.generate import SamplingParams, generate, generate_ids, pick, process_logits, stream, token_counts
 from longboi.tokenizer import Tokenizer
 
 PROMPTS = [[5, 17, 300, 42, 9, 81, 7], [1000], [77, 66, 55, 44]]
@@ -60,7 +61,8 @@ def test_logit_processing_matches_transformers(penalty, temperature, top_k, top_
     g = torch.Generator().manual_seed(0)
     logits, context = torch.randn(3, 1000, generator=g) * 3, torch.randint(0, 1000, (3, 30), generator=g)
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
-    ours = process_logits(logits, [params] * 3, token_counts(context, torch.ones_like(context), 1000))
+    prompt_seen = token_counts(context, torch.ones_like(context), 1000) > 0  # the context as a prompt
+    ours = process_logits(logits, [params] * 3, torch.zeros(3, 1000), prompt_seen)
     theirs = logits.clone()
     for proc in (
         [RepetitionPenaltyLogitsProcessor(penalty), TemperatureLogitsWarper(temperature)]
@@ -96,6 +98,58 @@ def test_rows_with_different_params_share_one_pass():
     kept = torch.isfinite(mixed[2])
     assert torch.allclose(mixed[2][kept], expected[kept])
     assert mixed[3][7] == float("-inf") or mixed[3][7] < logits[3][7]
+
+
+def test_presence_and_frequency_count_generated_tokens_only_and_repetition_counts_the_prompt_too():
+    """vLLM's semantics: a token of the prompt is not penalized by presence/frequency penalties."""
+    logits = torch.zeros(1, 10)
+    prompt_seen = torch.zeros(1, 10, dtype=torch.bool)
+    prompt_seen[0, 2] = True
+    generated = torch.zeros(1, 10)
+    generated[0, 5] = 3
+    p = SamplingParams(temperature=0, presence_penalty=1.0, frequency_penalty=0.5)
+    out = process_logits(logits, [p], generated, prompt_seen)[0]
+    assert out[2] == 0 and out[5] == -(1.0 + 0.5 * 3) and out[0] == 0
+    logits = torch.ones(1, 10)
+    out = process_logits(logits, [SamplingParams(temperature=0, repetition_penalty=2.0)], generated, prompt_seen)[0]
+    assert out[2] == 0.5 and out[5] == 0.5 and out[0] == 1.0
+
+
+def test_logit_bias_of_many_ids_is_one_indexed_add_equal_to_adding_each():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 500, generator=g)
+    bias = tuple(
+        (int(i), float(v)) for i, v in zip(torch.randperm(500, generator=g)[:300], torch.rand(300) * 200 - 100)
+    )
+    rows = [
+        SamplingParams(temperature=0, logit_bias=bias),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0),
+    ]
+    out = process_logits(logits, rows, None)
+    expected = logits.clone()
+    for i, v in bias:
+        expected[0, i] += v
+    assert torch.allclose(out, expected) and torch.equal(out[1:], logits[1:])
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 5e-324, 1e-300, 1e-7])
+def test_tiny_temperatures_sample_the_argmax_instead_of_nan(temperature):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1000, generator=g) * 20
+    rows = [SamplingParams(temperature=temperature, top_p=0.9, seed=1)] * 2
+    processed = process_logits(logits, rows, None)
+    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    assert torch.equal(pick(processed, rows, gens), logits.argmax(-1))
+
+
+def test_seeds_outside_64_bits_are_refused_naming_the_field():
+    for seed in (2**63, 18446744073709551616, -(2**63) - 1, -(2**70)):
+        with pytest.raises(UserError, match="sampling parameter seed"):
+            SamplingParams(seed=seed)
+    model = build(small_config(), seed=2)
+    for seed in (2**63 - 1, -(2**63), -1):  # the extremes sample, and -1 is its own seed
+        assert run(model, PROMPTS, SamplingParams(max_new_tokens=3, temperature=1.0, seed=seed)).shape == (3, 3)
 
 
 def test_padded_vocab_ids_are_never_generated():

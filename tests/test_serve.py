@@ -68,7 +68,8 @@ def ckpt(tmp_path_factory, tokenizer_path) -> Path:
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    s = Server(ckpt, "--api-key", KEY, "--max-batch", "16", "--max-model-len", "1024")
+    # fp32 pinned: tests compare with fp32 references (on an AVX512-BF16 CPU `auto` would be bf16)
+    s = Server(ckpt, "--api-key", KEY, "--max-batch", "16", "--max-model-len", "1024", "--dtype", "fp32")
     yield s
     code, out = s.stop()
     assert code == 0 and "stopped" in out, out
@@ -79,10 +80,10 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
 
 
-def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def post(server, path: str, body, key: str | None = KEY, headers: dict | None = None, **kw) -> httpx.Response:
+    sent = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     content = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60, **kw)
+    return httpx.post(f"{server.url}{path}", content=content, headers=sent | (headers or {}), timeout=60, **kw)
 
 
 # -- the openai client ------------------------------------------------------------------------
@@ -435,7 +436,7 @@ def test_engine_batch_of_64_equals_each_alone_and_generate(tokenizer_path, alibi
         engine.stop()
 
 
-def test_engine_penalties_count_the_prompt_as_generate_does(tokenizer_path):
+def test_engine_penalties_equal_generates(tokenizer_path):
     tok = Tokenizer(tokenizer_path)
     model = build(small_config(max_seq_len=128), seed=3)
     prompt = tok.encode("the the the cat the cat")
@@ -544,7 +545,7 @@ def test_health_is_503_while_loading(ckpt):
         release.wait(30)
         return load_model(ckpt), Tokenizer(ckpt / "tokenizer.json")
 
-    with TestClient(create_app(Settings("m"), slow_load)) as http:
+    with TestClient(create_app(Settings("m", allowed_hosts=("testserver",)), slow_load)) as http:
         loading = http.get("/health")
         assert loading.status_code == 503 and loading.json()["status"] == "loading"
         assert http.post("/v1/completions", json={"prompt": "x"}).status_code == 503

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from longboi.errors import UserError
 from longboi.generate import SamplingParams
+from longboi.quantize import precision_of
 from longboi.serve.engine import Engine, Event, Job, QueueFull, TokenInfo
 from longboi.serve.metrics import Metrics
 from longboi.tokenizer import CHATML_TEMPLATE, Tokenizer, render_chat
@@ -37,6 +38,9 @@ OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the chat page (it 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
 @dataclass
 class Settings:
     model_name: str
@@ -46,6 +50,8 @@ class Settings:
     max_model_len: int | None = None  # None: the model's max_seq_len
     max_body_bytes: int = 8 * 2**20
     prefill_chunk: int = 256
+    kv_cache_bytes: int | None = None  # None: no limit but max_batch x max_model_len
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host header names answered ("*": any)
 
 
 @dataclass
@@ -111,20 +117,27 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
     s = served.settings
     try:
         model, tok = load()
-        engine = Engine(model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics)
+        engine = Engine(
+            model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics, s.kv_cache_bytes
+        )
     except Exception as e:  # the server stays up to say why (health 503 with the reason)
         served.load_error = f"the model failed to load: {e}"
         print(f"error: {served.load_error}", flush=True)
         return
     served.metrics.gauge("requests_running", "Sequences being prefilled or decoded.", lambda: engine.load[0])
     served.metrics.gauge("requests_waiting", "Requests queued for a batch slot.", lambda: engine.load[1])
+    served.metrics.gauge("kv_cache_bytes", "Bytes held by the decode KV cache.", lambda: engine.cache.nbytes)
     served.engine = engine.start()
-    print(f"ready: {s.model_name} (max_model_len {engine.max_model_len})", flush=True)
+    precision = precision_of(model)
+    print(f"ready: {s.model_name} (precision {precision}, max_model_len {engine.max_model_len})", flush=True)
 
 
 class Guard:
-    """API key and body size, before anything parses the body (so a keyless request is a 401 even
-    when its body is garbage). Pure ASGI: streaming and disconnects pass through untouched."""
+    """Before anything parses a body: the Host header (a web page cannot reach a loopback server through
+    DNS rebinding), the API key (a keyless request is a 401 even when its body is garbage), the content
+    type (only application/json: a page can post text/plain or a form to any server without a CORS
+    preflight) and the body size, counted as it arrives (a chunked body has no Content-Length to trust).
+    Pure ASGI: streaming and disconnects pass through untouched."""
 
     def __init__(self, app, served: Served):
         self.app, self.served = app, served
@@ -134,25 +147,78 @@ class Guard:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         rejection = self._check(scope["path"], headers)
+        if rejection is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            rejection = _content_type_rejection(headers.get("content-type"))
+            if rejection is None:
+                body, rejection = await self._read_body(receive)
+                receive = _replay(body, receive)
         if rejection is None:
-            if scope["method"] == "POST" and "json" not in headers.get("content-type", ""):
-                # bodies are JSON whatever the client labels them (curl -d sends a form type)
-                rest = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
-                scope = dict(scope, headers=rest + [(b"content-type", b"application/json")])
             return await self.app(scope, receive, send)
         self.served.metrics.count_labelled("requests_rejected", code=str(rejection.status_code))
         await rejection(scope, receive, send)
 
     def _check(self, path: str, headers: dict[str, str]) -> Response | None:
+        host = _host_name(headers.get("host", ""))
+        allowed = self.served.settings.allowed_hosts
+        if "*" not in allowed and host not in allowed:
+            message = f"Host header {host!r} is not a name this server answers to (see --allowed-hosts)"
+            return error_response(400, message, "invalid_request_error", "host")
         key = self.served.settings.api_key
         if key and path not in OPEN_PATHS and not _authorized(headers, key):
             message = "missing or invalid API key: send 'Authorization: Bearer KEY' (or 'X-Api-Key: KEY')"
             return error_response(401, message, "authentication_error", code="invalid_api_key")
         length = headers.get("content-length", "0")
         limit = self.served.settings.max_body_bytes
-        if length.isdigit() and int(length) > limit:
+        if length.isascii() and length.isdigit() and int(length) > limit:
             return error_response(413, f"request body of {length} bytes is over {limit}", "invalid_request_error")
         return None
+
+    async def _read_body(self, receive) -> tuple[bytes, Response | None]:
+        """The whole body, or a 413 as soon as it passes the limit (nothing more is read)."""
+        limit, parts, size = self.served.settings.max_body_bytes, [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return b"", None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", error_response(413, f"request body of over {limit} bytes", "invalid_request_error")
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts), None
+
+
+def _content_type_rejection(content_type: str | None) -> Response | None:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media == "application/json":
+        return None
+    message = f"request bodies are JSON: send 'Content-Type: application/json' (got {content_type or 'none'!r})"
+    return error_response(415, message, "invalid_request_error", "content-type")
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that hands the app the body already read, then the client's later messages
+    (a disconnect), so the routes and streaming responses work as if nothing had read it."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+def _host_name(host: str) -> str:
+    """'Example.com:8000' -> 'example.com'; '[::1]:8000' -> '[::1]'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    name, _, port = host.rpartition(":")
+    return name if name and port.isdigit() else host
 
 
 def _authorized(headers: dict[str, str], key: str) -> bool:
@@ -260,21 +326,24 @@ def _routes(app: FastAPI, served: Served) -> None:
 def _tokenizer_routes(app: FastAPI, served: Served) -> None:
     from longboi.serve.schemas import DetokenizeRequest, TokenizeRequest
 
+    def tokenized(body, tok: Tokenizer) -> tuple[list[int], list[str]]:
+        text = body.prompt if body.prompt is not None else _chat_prompt(tok, body.messages, body.add_generation_prompt)
+        ids = _encode(tok, text, "prompt" if body.prompt is not None else "messages")
+        return ids, [tok.decode([i], skip_special_tokens=False) for i in ids]
+
     async def tokenize(body):
         engine, tok = served.ready()
         _check_model(served, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        text = body.prompt if body.prompt is not None else _chat_prompt(tok, body.messages, body.add_generation_prompt)
-        ids = tok.encode(text)
-        strs = [tok.decode([i], skip_special_tokens=False) for i in ids]
+        ids, strs = await asyncio.to_thread(tokenized, body, tok)  # off the event loop: other requests go on
         return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
 
     async def detokenize(body):
         _, tok = served.ready()
         _check_model(served, body.model)
         _check_ids(tok, body.tokens, "tokens")
-        return {"prompt": tok.decode(body.tokens, skip_special_tokens=False)}
+        return {"prompt": await asyncio.to_thread(tok.decode, body.tokens, False)}
 
     app.post("/tokenize")(_typed(tokenize, body=TokenizeRequest))
     app.post("/detokenize")(_typed(detokenize, body=DetokenizeRequest))
@@ -304,29 +373,57 @@ def _check_model(served: Served, name: str | None) -> None:
 
 
 def _check_ids(tok: Tokenizer, ids: list[int], param: str) -> None:
+    if not ids or max(ids) < tok.vocab_size:
+        return
     bad = next((i for i in ids if i >= tok.vocab_size), None)
     if bad is not None:
         raise APIError(400, f"{param}: token id {bad} is out of range (vocab size {tok.vocab_size})", param=param)
 
 
-def _prompts(prompt, tok: Tokenizer) -> list[tuple[list[int], str | None]]:
-    """The request's prompts as (token ids, original text or None)."""
-    if isinstance(prompt, str):
-        items = [prompt]
-    elif prompt and all(isinstance(p, int) for p in prompt):
+def _prompt_items(prompt) -> list[str | list[int]]:
+    """The request's prompts, each a text or a list of token ids (not yet tokenized)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):  # the schema checked the rest
         items = [prompt]
     else:
         items = list(prompt)
     if not items:
         raise APIError(400, "prompt: no prompt given", param="prompt")
+    return items
+
+
+def _prompts(items: list, tok: Tokenizer) -> list[tuple[list[int], str | None]]:
+    """Prompts as (token ids, original text or None). Tokenizes: call it off the event loop."""
     out = []
     for item in items:
-        ids = tok.encode(item) if isinstance(item, str) else list(item)
+        ids = _encode(tok, item, "prompt") if isinstance(item, str) else item
         if not ids:
             raise APIError(400, "prompt: a prompt must have at least one token", param="prompt")
         _check_ids(tok, ids, "prompt")
         out.append((ids, item if isinstance(item, str) else None))
     return out
+
+
+def _encode(tok: Tokenizer, text: str, param: str) -> list[int]:
+    """Token ids of a client's text; text that is not Unicode (JSON allows lone surrogates) is a 400."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"{param}: the text is not valid Unicode ({e.reason} at {e.start})", param=param) from e
+    return tok.encode(text)
+
+
+def _check_kv(engine: Engine, n: int, n_prompt: int, max_tokens: int) -> None:
+    """A request whose choices, at their longest, would not fit the KV-cache limit even alone is a 400
+    (one that fits waits for room instead)."""
+    limit = engine.kv_cache_bytes
+    need = engine.kv_bytes(n, n_prompt, max_tokens)
+    if limit is not None and need > limit:
+        message = (
+            f"max_tokens: {n} choice(s) of a {n_prompt}-token prompt plus max_tokens {max_tokens} need "
+            f"{need / 2**20:.1f} MiB of KV cache, over the server's --kv-cache-memory of {limit / 2**20:.1f} MiB; "
+            "ask for fewer tokens or choices"
+        )
+        raise APIError(400, message, param="max_tokens")
 
 
 def _check_fits(engine: Engine, n_prompt: int, max_tokens: int) -> None:
@@ -344,12 +441,11 @@ def _check_fits(engine: Engine, n_prompt: int, max_tokens: int) -> None:
 def _sampling(body: Sampling, tok: Tokenizer, max_tokens: int, stop: tuple[str, ...] = ()) -> SamplingParams:
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     bias = []
-    for key, value in (body.logit_bias or {}).items():
-        if not key.isdigit() or int(key) >= tok.vocab_size:
-            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model", param="logit_bias")
+    for key, value in (body.logit_bias or {}).items():  # keys are ASCII decimals (the schema's pattern)
+        if int(key) >= tok.vocab_size:
+            message = f"logit_bias: {key!r} is not a token id of this model (vocab size {tok.vocab_size})"
+            raise APIError(400, message, param="logit_bias")
         bias.append((int(key), value))
-    if len(stops) > 16:
-        raise APIError(400, "stop: at most 16 stop strings", param="stop")
     return SamplingParams(
         max_new_tokens=max_tokens,
         temperature=body.temperature,
@@ -483,15 +579,17 @@ async def _completions(served: Served, body: CompletionRequest, request: Request
     _check_model(served, body.model)
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
-    prompts = _prompts(body.prompt, tok)
-    _check_n(served, body.n, len(prompts))
+    items = _prompt_items(body.prompt)
+    _check_n(served, body.n, len(items))
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 is only allowed with echo", param="max_tokens")
     params = _sampling(body, tok, max_tokens)
+    prompts = await asyncio.to_thread(_prompts, items, tok)  # off the event loop: other requests go on
     pending = Pending(engine)
     for ids, _ in prompts:
         _check_fits(engine, len(ids), max_tokens)
+        _check_kv(engine, body.n, len(ids), max_tokens)
         scored = body.logprobs if body.echo and body.logprobs is not None else None
         pending.add(ids, params, n=body.n, logprobs=body.logprobs, prompt_logprobs=scored, ignore_eos=body.ignore_eos)
     pending.submit()
@@ -570,10 +668,13 @@ async def _chat(served: Served, body: ChatRequest, request: Request):
     _check_n(served, body.n, 1)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-    ids = tok.encode(_chat_prompt(tok, body.messages))
+    ids = await asyncio.to_thread(lambda: _encode(tok, _chat_prompt(tok, body.messages), "messages"))
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(ids), 1)
     _check_fits(engine, len(ids), max_tokens)
+    if asked is None:  # the default fills the context, or as much of it as the KV-cache limit holds
+        max_tokens = max(engine.fitting_tokens(body.n, len(ids), max_tokens), 1)
+    _check_kv(engine, body.n, len(ids), max_tokens)
     end_of_turn = () if tok.chat_template else ("<|im_end|>",)  # as in `longboi chat`
     pending = Pending(engine)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -613,7 +714,7 @@ async def _stream_chat(pending: Pending, body: ChatRequest, tok: Tokenizer, meta
 
 def _chat_logprobs(tok: Tokenizer, infos: list[TokenInfo]) -> list[dict]:
     def entry(token_id: int, logprob: float) -> dict:
-        text = tok.decode([token_id], skip_special_tokens=False)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        text = tok.decode([token_id], skip_special_tokens=False)  # U+FFFD for part of a character ...
+        return {"token": text, "logprob": logprob, "bytes": list(tok.token_bytes(token_id))}  # ... but its own bytes
 
     return [entry(i.id, i.logprob) | {"top_logprobs": [entry(a, lp) for a, lp in i.top]} for i in infos]

@@ -7,10 +7,19 @@ ones. A sequence's numbers do not depend on the batch: its prompt is prefilled a
 row attends only to its own keys with its own ALiBi offsets, and a seeded sequence draws from its
 own generator. The HTTP layer talks to the engine through `submit`, `cancel` and the events each
 request's `sink` receives (called on the engine thread; it must not block).
+
+No request can hurt another. Work for one job (prefill, start) that raises fails that job alone;
+a batched step (decode forward, sampling) that raises is rerun row by row, so only the jobs whose
+own rows fail are failed and every other row goes on. Every job is in `jobs` from `submit` to its
+last event, so none can be lost between queues. Memory follows the work: the KV cache holds the
+rows running at their current lengths, admission keeps the worst case (every admitted choice at
+prompt + max_tokens) within `kv_cache_bytes`, and the idle engine gives its memory back.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import threading
 import time
@@ -57,7 +66,7 @@ class Event:
     usage: tuple[int, int] | None = None  # (prompt tokens, generated tokens), with done
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the engine keeps its jobs in a set
 class Job:
     """One request: a tokenized prompt, n choices sampled with `params`."""
 
@@ -70,6 +79,7 @@ class Job:
     ignore_eos: bool = False
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    ended: bool = False  # its last event was sent (done, failed or cancelled)
     first_token_at: float | None = None
     open_choices: int = 0
     generated: int = 0
@@ -84,12 +94,13 @@ class Sequence:
         self.pending: list[TokenInfo] = []  # sampled, not yet sent (their text is held back)
         self.text = _RowText(tok, job.params.stop)
         seed = job.params.seed
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed + index)
+        self.generator = None if seed is None else torch.Generator().manual_seed((seed + index) % 2**64)
         self.finished = False
-        self.counts = None
-        if job.params.penalized:  # the prompt counts as seen (as in generate and transformers)
+        self.counts = self.prompt_seen = None
+        if job.params.penalized:  # generated-token counts; the prompt's tokens for the repetition penalty
             prompt = torch.tensor([job.prompt])
-            self.counts = token_counts(prompt, torch.ones_like(prompt), vocab)[0]
+            self.counts = torch.zeros(vocab)
+            self.prompt_seen = token_counts(prompt, torch.ones_like(prompt), vocab)[0] > 0
 
     @property
     def length(self) -> int:
@@ -106,8 +117,16 @@ class _Prefill:
     prompt_info: list[TokenInfo] = field(default_factory=list)
 
 
+def kv_bytes_per_token(model: MPTForCausalLM) -> int:
+    """KV-cache bytes one position of one sequence takes: keys and values of every layer."""
+    cfg = model.config
+    element = model.transformer.wte.weight.element_size()  # int8 models keep fp32 embeddings and caches
+    return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_dim * element
+
+
 class Engine:
-    """The scheduler. `max_batch` sequences decode together; `max_queue` jobs may wait for a slot."""
+    """The scheduler. `max_batch` sequences decode together; `max_queue` jobs may wait for a slot;
+    `kv_cache_bytes` (None: no limit but max_batch x max_model_len) bounds the KV cache."""
 
     def __init__(
         self,
@@ -118,16 +137,20 @@ class Engine:
         max_model_len: int | None = None,
         prefill_chunk: int = 256,
         metrics: Metrics | None = None,
+        kv_cache_bytes: int | None = None,
     ):
         self.model, self.tok = model.eval(), tok
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.metrics = metrics or Metrics()
         self.vocab = tok.vocab_size  # ids past it (the padded vocab) are never sampled
-        self.cache = SlotCache(model.config.n_layers, max_batch)
+        self.cache = SlotCache(model.config.n_layers, max_batch, self.max_model_len)
+        self.kv_token_bytes, self.kv_cache_bytes = kv_bytes_per_token(model), kv_cache_bytes
         self.waiting: deque[Job] = deque()
         self.prefilling: deque[_Prefill] = deque()
         self.running: list[Sequence] = []  # running[i] decodes in cache row i
+        self.jobs: set[Job] = set()  # every job from submit to its last event
+        self.idle = True
         self.wake = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="longboi-engine", daemon=True)
@@ -138,6 +161,20 @@ class Engine:
         self.thread.start()
         return self
 
+    def kv_bytes(self, n: int, prompt_tokens: int, max_tokens: int) -> int:
+        """The most KV-cache memory a job of n choices can need (all of them at their longest)."""
+        rows, positions = self.cache.target(n, self._final_length(prompt_tokens, max_tokens))
+        return (rows * positions + prompt_tokens) * self.kv_token_bytes
+
+    def fitting_tokens(self, n: int, prompt_tokens: int, wanted: int) -> int:
+        """The largest max_tokens up to `wanted` whose worst case fits the KV-cache limit (0: none)."""
+        fits = lambda m: self.kv_cache_bytes is None or self.kv_bytes(n, prompt_tokens, m) <= self.kv_cache_bytes
+        low, high = 0, wanted
+        while low < high:  # kv_bytes grows with max_tokens
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        return low if fits(low) else 0
+
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when `max_queue` jobs already wait."""
         if not job.prompt or job.n < 1:
@@ -146,6 +183,7 @@ class Engine:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
             self.waiting.append(job)
+            self.jobs.add(job)
             self.wake.notify()
 
     def cancel(self, job: Job) -> None:
@@ -177,7 +215,7 @@ class Engine:
                     break
             try:
                 self._step()
-            except Exception as e:  # a bug or out-of-memory must not take the server down
+            except Exception as e:  # not one request's fault (those are failed alone): reset, keep serving
                 log.exception("engine step failed")
                 self._fail_all(f"internal error: {type(e).__name__}: {e}")
         self._fail_all("server shutting down")
@@ -188,25 +226,53 @@ class Engine:
         self._prefill()
         if self.running:
             self._decode()
-        elif not self.prefilling:
-            self.cache.release()  # idle: give the memory back
+        if not (self.running or self.prefilling):
+            self._rest()
+
+    def _rest(self) -> None:
+        """Nothing in flight: give the KV cache and the allocator's free pages back, once per busy spell."""
+        if not self.idle:
+            self.idle = True
+            self.cache.release()
+            _trim_heap()
 
     def _drop_cancelled(self) -> None:
         with self.wake:
             self.waiting = deque(j for j in self.waiting if not j.cancelled)
+            cancelled = [j for j in self.jobs if j.cancelled]  # under the lock: submit adds to jobs
         self.prefilling = deque(p for p in self.prefilling if not p.job.cancelled)
-        for row in reversed(range(len(self.running))):
-            if self.running[row].job.cancelled:
-                self._retire(row)
+        for job in cancelled:
+            self._end(job)
+        self._sweep()
 
     def _admit(self) -> None:
-        """Move waiting jobs to prefill while their choices fit in free rows."""
-        reserved = len(self.running) + sum(p.job.n for p in self.prefilling)
+        """Move waiting jobs to prefill while their choices fit in free rows and, at their longest, in
+        the KV-cache budget (first come, first served: a big job is not overtaken forever)."""
         with self.wake:
-            while self.waiting and reserved + self.waiting[0].n <= self.max_batch:
+            while self.waiting and self._fits(self.waiting[0]):
                 job = self.waiting.popleft()
-                reserved += job.n
                 self.prefilling.append(_Prefill(job, self.model.new_cache(len(job.prompt))))
+                self.idle = False
+            if self.waiting and not (self.running or self.prefilling):  # cannot fit even alone
+                job = self.waiting.popleft()
+                need = self.kv_bytes(job.n, len(job.prompt), job.params.max_new_tokens)
+                limit = (self.kv_cache_bytes or 0) / 2**20
+                self._fail(job, f"the request needs {need / 2**20:.1f} MiB of KV cache; the limit is {limit:.1f} MiB")
+
+    def _fits(self, job: Job) -> bool:
+        rows = len(self.running) + sum(p.job.n for p in self.prefilling) + job.n
+        if rows > self.max_batch:
+            return False
+        if self.kv_cache_bytes is None:
+            return True
+        jobs = [s.job for s in self.running] + [p.job for p in self.prefilling] + [job]
+        longest = max(self._final_length(len(j.prompt), j.params.max_new_tokens) for j in jobs)
+        cache_rows, positions = self.cache.target(rows, longest)
+        prefill_tokens = sum(len(p.job.prompt) for p in self.prefilling) + len(job.prompt)
+        return (cache_rows * positions + prefill_tokens) * self.kv_token_bytes <= self.kv_cache_bytes
+
+    def _final_length(self, prompt_tokens: int, max_tokens: int) -> int:
+        return min(prompt_tokens + max_tokens, max(self.max_model_len, prompt_tokens + 1))
 
     def _prefill(self) -> None:
         """Spend up to `prefill_chunk` prompt tokens on the jobs at the head of the prefill line."""
@@ -214,12 +280,16 @@ class Engine:
         while self.prefilling and budget > 0:
             p = self.prefilling[0]
             end = min(len(p.job.prompt), p.done + budget)
-            logits = self._prefill_chunk(p, end)
             budget -= end - p.done
-            p.done = end
-            if end == len(p.job.prompt):
-                self.prefilling.popleft()
-                self._start(p, logits)
+            try:
+                logits = self._prefill_chunk(p, end)
+                p.done = end
+                if end == len(p.job.prompt):
+                    self.prefilling.popleft()
+                    self._start(p, logits)
+            except Exception as e:  # this job's fault alone
+                log.exception("prefill failed")
+                self._fail(p.job, e)
 
     def _prefill_chunk(self, p: _Prefill, end: int) -> torch.Tensor:
         """Run prompt tokens [done, end) through the model; return the last position's (V,) logits."""
@@ -245,40 +315,90 @@ class Engine:
             for s in seqs:
                 self._finish_choice(s, "length")
             return
-        self.cache.reserve(len(job.prompt) + 1, like=p.cache.keys)
+        self.cache.fit(len(self.running) + len(seqs), max(self._longest(), len(job.prompt)) + 1, like=p.cache.keys)
         for s in seqs:
             self.cache.insert(len(self.running), p.cache)
             self.running.append(s)
+            self.cache.rows = len(self.running)
         self._advance(seqs, logits.repeat(len(seqs), 1))
 
+    def _longest(self) -> int:
+        """The longest running sequence's cached positions."""
+        return int(self.cache.lengths[: len(self.running)].max()) if self.running else 0
+
     def _decode(self) -> None:
-        """One token for every running sequence, in one forward."""
-        cache, seqs = self.cache, self.running
-        cache.rows = len(seqs)
-        cache.reserve(cache.length + 1)
-        ids = torch.tensor([[s.tokens[-1]] for s in seqs])
-        logits = self.model(ids, cache=cache, logits_to_keep=1)[:, -1]  # (rows, V)
-        self.metrics.observe("batch_size", len(seqs))
-        self._advance(list(seqs), logits)
+        """One token for every running sequence, in one forward (row by row if that forward fails)."""
+        self.cache.rows = len(self.running)
+        self.cache.fit(len(self.running), self._longest() + 1)  # grows, or shrinks after retirements
+        seqs, logits = self._isolated(list(self.running), self._decode_rows)
+        if seqs:
+            self.metrics.observe("batch_size", len(seqs))
+            self._advance(seqs, torch.stack(logits))
+        self._sweep()
+
+    def _decode_rows(self, rows: list[int]) -> list[torch.Tensor]:
+        """(V,) next-token logits of the running sequences in cache rows `rows`, one forward."""
+        every = len(rows) == len(self.running)
+        before = self.cache.lengths.clone()  # a forward that fails after the cache advanced is undone
+        self.cache.select = None if every else torch.tensor(rows)
+        try:
+            ids = torch.tensor([[self.running[r].tokens[-1]] for r in rows])
+            return list(self.model(ids, cache=self.cache, logits_to_keep=1)[:, -1])  # rows x (V,)
+        except Exception:
+            self.cache.lengths.copy_(before)
+            raise
+        finally:
+            self.cache.select = None
+
+    def _isolated(self, seqs: list[Sequence], run: Callable[[list[int]], list]) -> tuple[list[Sequence], list]:
+        """run(indices of seqs) for all of them at once; if that raises, for each sequence alone, failing
+        only the jobs whose own sequence raises. Returns the sequences that succeeded and their results."""
+        try:
+            return seqs, run(list(range(len(seqs))))
+        except Exception as e:
+            if len(seqs) == 1:
+                log.exception("a step failed for one request")
+                self._fail(seqs[0].job, e)
+                return [], []
+            log.exception("a batched step failed: running its %d rows one at a time", len(seqs))
+        ok, results = [], []
+        for i, s in enumerate(seqs):
+            if s.job.ended:
+                continue
+            try:
+                results += run([i])
+                ok.append(s)
+            except Exception as e:
+                self._fail(s.job, e)
+        return ok, results
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from its (V,) logits row, record it, emit text, retire."""
+        ok, picked = self._isolated(seqs, lambda idx: self._sample([seqs[i] for i in idx], logits[idx]))
+        now = time.monotonic()
+        for s, (token, info) in zip(ok, picked):
+            try:
+                self._record(s, token, info, now)
+            except Exception as e:  # detokenizing or a stop string: this job's fault alone
+                log.exception("recording a token failed")
+                self._fail(s.job, e)
+        self._sweep()
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenInfo]]:
+        """(rows, V) logits -> each row's token and its log-probability information."""
         logits = logits.float()
         wants_logprobs = any(s.job.logprobs is not None for s in seqs)
         allowed = logits.clone() if wants_logprobs else logits  # log-probabilities are over the raw logits
         allowed[:, self.vocab :] = float("-inf")  # the padded vocab is never sampled
         params = [s.params for s in seqs]
-        counts = None
+        counts = seen = None
         if any(s.counts is not None for s in seqs):
-            counts = torch.stack([s.counts if s.counts is not None else torch.zeros(logits.shape[-1]) for s in seqs])
-        tokens = pick(process_logits(allowed, params, counts), params, [s.generator for s in seqs]).tolist()
-        infos = self._token_infos(seqs, logits, tokens)
-        now = time.monotonic()
-        for s, token, info in zip(seqs, tokens, infos):
-            self._record(s, token, info, now)
-        for row in reversed(range(len(self.running))):
-            if self.running[row].finished:
-                self._retire(row)
+            zeros = torch.zeros(logits.shape[-1])
+            counts = torch.stack([s.counts if s.counts is not None else zeros for s in seqs])
+            seen = torch.stack([s.prompt_seen if s.prompt_seen is not None else zeros.bool() for s in seqs])
+        processed = process_logits(allowed, params, counts, seen)
+        tokens = pick(processed, params, [s.generator for s in seqs]).tolist()
+        return list(zip(tokens, self._token_infos(seqs, logits, tokens)))
 
     def _token_infos(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[TokenInfo]:
         """Log-probabilities of the sampled tokens under the model (before any sampling filter), for
@@ -308,6 +428,8 @@ class Engine:
 
     def _record(self, s: Sequence, token: int, info: TokenInfo, now: float) -> None:
         job = s.job
+        if job.ended or s.finished:
+            return
         if job.first_token_at is None:
             job.first_token_at = now
             self.metrics.observe("time_to_first_token_seconds", now - job.submitted)
@@ -341,6 +463,14 @@ class Engine:
         if job.open_choices == 0:
             self.metrics.observe("e2e_request_latency_seconds", time.monotonic() - job.submitted)
             self._emit(job, Event(done=True, usage=(len(job.prompt), job.generated)))
+            self._end(job)
+
+    def _sweep(self) -> None:
+        """Retire every row whose sequence finished or whose job ended."""
+        for row in reversed(range(len(self.running))):
+            s = self.running[row]
+            if s.finished or s.job.ended:
+                self._retire(row)
 
     def _retire(self, row: int) -> None:
         """Free a cache row: the last running sequence moves into it, so rows stay contiguous."""
@@ -352,7 +482,7 @@ class Engine:
         self.cache.rows = len(self.running)
 
     def _emit(self, job: Job, event: Event) -> None:
-        if job.cancelled:
+        if job.cancelled or job.ended:
             return
         try:
             job.sink(event)
@@ -360,13 +490,50 @@ class Engine:
             log.exception("request sink failed")
             job.cancelled = True
 
+    def _end(self, job: Job) -> None:
+        """The job is over (its last event sent, or nobody listens): forget it everywhere."""
+        job.ended = True
+        with self.wake:
+            self.jobs.discard(job)
+            if job in self.waiting:
+                self.waiting.remove(job)
+        if any(p.job is job for p in self.prefilling):
+            self.prefilling = deque(p for p in self.prefilling if p.job is not job)
+
+    def _fail(self, job: Job, error: Exception | str) -> None:
+        """Fail one job: its error event now, its rows freed at the next sweep; the others go on."""
+        if job.ended:
+            return
+        if isinstance(error, Exception):
+            error = f"internal error while serving this request: {type(error).__name__}: {error}"
+        self._emit(job, Event(done=True, error=error))
+        self._end(job)
+
     def _fail_all(self, message: str) -> None:
         with self.wake:
-            jobs = list(self.waiting)
+            jobs = list(self.jobs)
             self.waiting.clear()
-        jobs += [p.job for p in self.prefilling] + list({id(s.job): s.job for s in self.running}.values())
         self.prefilling.clear()
         self.running.clear()
         self.cache.release()
         for job in jobs:
             self._emit(job, Event(done=True, error=message))
+            self._end(job)
+
+
+def _trim_heap() -> None:
+    """Hand the C allocator's free pages back to the system (glibc keeps freed small blocks, such as a
+    long prefill's activations, in its heap: the server's resident memory would stay at its peak)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()

@@ -1,18 +1,31 @@
 """OpenAI request bodies as strict pydantic models: unknown fields, wrong types and out-of-range
-values are 400s that name the field (no silent coercion of "5" to 5 or true to 1)."""
+values are 400s that name the field (no silent coercion of "5" to 5 or true to 1). Every number is
+finite (JSON's NaN and Infinity literals are refused) and every list and string that the engine
+works through per token or per step is bounded, so no request can make the others wait."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints
+from pydantic_core import PydanticCustomError
+
+from longboi.generate import SEED_RANGE
 
 Penalty = Annotated[float, Field(ge=-2, le=2)]
-TokenIds = list[Annotated[int, Field(ge=0)]]
+MAX_TOKEN_ID = 2**31
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenIds = list[TokenId]
+Count = Annotated[int, Field(ge=0, le=2**31)]  # max_tokens and the like: past any context length
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+TokenKey = Annotated[str, StringConstraints(pattern=r"^[0-9]{1,10}$")]  # ASCII decimal ids only ("²" is not one)
+MAX_PROMPTS = 4096  # prompts in one request (n x prompts must also fit --max-batch)
+MAX_PROMPT_CHARS = 10_000_000
+PROMPT_SHAPES = "expected a string, a list of strings, a list of token ids, or a list of lists of token ids"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class StreamOptions(Strict):
@@ -25,26 +38,52 @@ class Sampling(Strict):
     model: str | None = None
     temperature: Annotated[float, Field(ge=0, le=100)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    top_k: Annotated[int, Field(ge=-1)] = -1  # vLLM's extension: -1 or 0 is no limit
+    top_k: Annotated[int, Field(ge=-1, le=2**31)] = -1  # vLLM's extension: -1 or 0 is no limit
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[Annotated[str, Field(min_length=1)]] | None = None
-    seed: int | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
+    seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     repetition_penalty: Annotated[float, Field(gt=0, le=100)] = 1.0
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    user: str | None = None
+    logit_bias: Annotated[dict[TokenKey, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
 
 
+def _prompt(value: Any) -> Any:
+    """A completion prompt: a text, texts, token ids or lists of token ids. Checked by hand in one pass:
+    a union of list types makes pydantic try each branch, one error per element, and a million ids
+    (3 MB of JSON) then take seconds on the event loop."""
+    if isinstance(value, str):
+        if len(value) > MAX_PROMPT_CHARS:
+            raise PydanticCustomError("prompt", "a prompt of at most {n} characters", {"n": MAX_PROMPT_CHARS})
+        return value
+    if not isinstance(value, list):
+        raise PydanticCustomError("prompt", PROMPT_SHAPES)
+    if _token_ids(value):
+        return value
+    if len(value) > MAX_PROMPTS:
+        raise PydanticCustomError("prompt", "at most {n} prompts in one request", {"n": MAX_PROMPTS})
+    if all(isinstance(p, str) and len(p) <= MAX_PROMPT_CHARS for p in value):
+        return value
+    if all(isinstance(p, list) and p and _token_ids(p) for p in value):
+        return value
+    raise PydanticCustomError("prompt", PROMPT_SHAPES)
+
+
+def _token_ids(value: list) -> bool:
+    """A non-empty list of token ids (ints, not bools) in range; C-speed passes, not a Python loop."""
+    return bool(value) and set(map(type, value)) == {int} and 0 <= min(value) and max(value) <= MAX_TOKEN_ID
+
+
 class CompletionRequest(Sampling):
-    prompt: Annotated[str, Field(max_length=10_000_000)] | list[str] | TokenIds | list[TokenIds]
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    prompt: Annotated[Any, PlainValidator(_prompt)]
+    max_tokens: Count | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
-    best_of: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
     suffix: None = None  # insertion (fill-in-the-middle) is not supported: only null is accepted
 
 
@@ -55,22 +94,25 @@ class TextPart(Strict):
 
 class Message(Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: str | Annotated[list[TextPart], Field(max_length=4096)]
+    name: Annotated[str, Field(max_length=256)] | None = None
+
+
+Messages = Annotated[list[Message], Field(min_length=1, max_length=4096)]
 
 
 class ChatRequest(Sampling):
-    messages: Annotated[list[Message], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    messages: Messages
+    max_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=2**31)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 class TokenizeRequest(Strict):
     model: str | None = None
-    prompt: str | None = None
-    messages: list[Message] | None = None
+    prompt: Annotated[str, Field(max_length=10_000_000)] | None = None
+    messages: Messages | None = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
 
