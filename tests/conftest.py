@@ -72,6 +72,17 @@ def tokenizer_path() -> Path:
 
 
 @pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tokenizer_path) -> Path:
+    """A random 2-layer ALiBi checkpoint named `tiny-alibi` (the serving tests call it by that name)."""
+    from longboi.checkpoint import save_checkpoint
+    from longboi.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("serve") / "tiny-alibi"
+    save_checkpoint(build(small_config(max_seq_len=64), seed=5), path, Tokenizer(tokenizer_path))
+    return path
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train-data") / "shakespeare"
     prepare(

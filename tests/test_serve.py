@@ -60,19 +60,12 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tokenizer_path) -> Path:
-    path = tmp_path_factory.mktemp("serve") / "tiny-alibi"
-    save_checkpoint(build(small_config(max_seq_len=64), seed=5), path, Tokenizer(tokenizer_path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(ckpt):
     # fp32 pinned: tests compare with fp32 references (on an AVX512-BF16 CPU `auto` would be bf16)
     s = Server(ckpt, "--api-key", KEY, "--max-batch", "16", "--max-model-len", "1024", "--dtype", "fp32")
     yield s
     code, out = s.stop()
-    assert code == 0 and "stopped" in out, out
+    assert code == 0 and "stopped" in out and "ready: tiny-alibi (precision fp32," in out, out
 
 
 @pytest.fixture(scope="module")

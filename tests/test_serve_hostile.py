@@ -25,13 +25,6 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tokenizer_path) -> Path:
-    path = tmp_path_factory.mktemp("hostile") / "tiny"
-    save_checkpoint(build(small_config(max_seq_len=64), seed=5), path, Tokenizer(tokenizer_path))
-    return path
-
-
-@pytest.fixture(scope="module")
 def server(ckpt):
     s = Server(ckpt, "--api-key", KEY, "--max-batch", "64", "--max-model-len", "1024", "--dtype", "fp32")
     yield s

@@ -135,7 +135,7 @@ def test_a_wall_clock_run_refuses_a_step_count_warmup(tmp_path, data):
 
 
 # Every kind of run length, a few optimizer steps long on the 33-token data (4 x 32 tokens per step).
-RUN_LENGTHS = {"steps": "3ba", "tokens": "384tok", "epochs": "0.001ep", "time": "3s"}
+RUN_LENGTHS = {"steps": "3ba", "tokens": "384tok", "epochs": "0.001ep", "time": "2s"}
 
 
 def defaults_config(data: Path, run_dir: Path, max_duration: str) -> dict:
