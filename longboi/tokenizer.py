@@ -113,6 +113,11 @@ class Tokenizer:
         return self.decode([token_id], skip_special_tokens=False).encode()
 
     @cached_property
+    def max_token_bytes(self) -> int:
+        """The most bytes one token stands for: a text longer than n times this has more than n tokens."""
+        return max(len(self.token_bytes(i)) for i in range(self.vocab_size))
+
+    @cached_property
     def _byte_layout(self) -> tuple[bool, frozenset[int]]:
         """(is the vocabulary byte-level, the ids of added tokens, which are plain text)."""
         spec = json.loads(self.path.read_text())

@@ -84,6 +84,8 @@ HOSTILE = [
     ("a million token ids", "POST", C, {"prompt": [0] * 1_000_000}, {}, 400),
     ("messages a string", "POST", CHAT, {"messages": "hi"}, {}, 400),
     ("message content a number", "POST", CHAT, {"messages": [{"role": "user", "content": 5}]}, {}, 400),
+    ("4 MB of prompt text", "POST", C, {"prompt": "word " * 800_000}, {}, 400),
+    ("4 MB chat message", "POST", CHAT, {"messages": [{"role": "user", "content": "word " * 800_000}]}, {}, 400),
     ("5,000 messages", "POST", CHAT, {"messages": [{"role": "user", "content": "x"}] * 5000}, {}, 400),
     ("user of 1,000 characters", "POST", C, {"prompt": "a", "user": "u" * 1000}, {}, 400),
     ("unknown model, long name", "POST", C, {"prompt": "a", "model": "m" * 10_000}, {}, 400),

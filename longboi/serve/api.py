@@ -391,11 +391,11 @@ def _prompt_items(prompt) -> list[str | list[int]]:
     return items
 
 
-def _prompts(items: list, tok: Tokenizer) -> list[tuple[list[int], str | None]]:
+def _prompts(items: list, tok: Tokenizer, limit: int) -> list[tuple[list[int], str | None]]:
     """Prompts as (token ids, original text or None). Tokenizes: call it off the event loop."""
     out = []
     for item in items:
-        ids = _encode(tok, item, "prompt") if isinstance(item, str) else item
+        ids = _encode(tok, item, "prompt", limit) if isinstance(item, str) else item
         if not ids:
             raise APIError(400, "prompt: a prompt must have at least one token", param="prompt")
         _check_ids(tok, ids, "prompt")
@@ -403,13 +403,19 @@ def _prompts(items: list, tok: Tokenizer) -> list[tuple[list[int], str | None]]:
     return out
 
 
-def _encode(tok: Tokenizer, text: str, param: str) -> list[int]:
-    """Token ids of a client's text; text that is not Unicode (JSON allows lone surrogates) is a 400."""
+def _encode(tok: Tokenizer, text: str, param: str, limit: int | None = None) -> list[int]:
+    """Token ids of a client's text. Not Unicode (JSON allows lone surrogates): a 400. More bytes than
+    `limit` tokens of the tokenizer's longest could hold: a 400 before spending seconds of CPU on it.
+    Through encode_batch, which releases the GIL (encode holds it: an 8 MB prompt froze every other
+    request for 12 s, event loop included)."""
     try:
-        text.encode("utf-8")
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError as e:
         raise APIError(400, f"{param}: the text is not valid Unicode ({e.reason} at {e.start})", param=param) from e
-    return tok.encode(text)
+    if limit is not None and size > limit * tok.max_token_bytes:
+        message = f"{param}: {size:,} bytes of text are more than max_model_len {limit} tokens can hold"
+        raise APIError(400, message, param=param)
+    return tok.encode_batch([text])[0]
 
 
 def _check_kv(engine: Engine, n: int, n_prompt: int, max_tokens: int) -> None:
@@ -585,7 +591,7 @@ async def _completions(served: Served, body: CompletionRequest, request: Request
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 is only allowed with echo", param="max_tokens")
     params = _sampling(body, tok, max_tokens)
-    prompts = await asyncio.to_thread(_prompts, items, tok)  # off the event loop: other requests go on
+    prompts = await asyncio.to_thread(_prompts, items, tok, engine.max_model_len)  # off the event loop
     pending = Pending(engine)
     for ids, _ in prompts:
         _check_fits(engine, len(ids), max_tokens)
@@ -668,7 +674,8 @@ async def _chat(served: Served, body: ChatRequest, request: Request):
     _check_n(served, body.n, 1)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
-    ids = await asyncio.to_thread(lambda: _encode(tok, _chat_prompt(tok, body.messages), "messages"))
+    limit = engine.max_model_len
+    ids = await asyncio.to_thread(lambda: _encode(tok, _chat_prompt(tok, body.messages), "messages", limit))
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(ids), 1)
     _check_fits(engine, len(ids), max_tokens)
