@@ -51,8 +51,9 @@ class SamplingParams:
         self._check("top_k", self.top_k is None or (_is_int(self.top_k) and self.top_k >= 0), "an integer >= 0 or none")
         top_p_ok = self.top_p is None or (_is_real(self.top_p) and 0 < self.top_p <= 1)
         self._check("top_p", top_p_ok, "a number in (0, 1] or none")
-        penalty_ok = _is_real(self.repetition_penalty) and 0 < self.repetition_penalty < math.inf
-        self._check("repetition_penalty", penalty_ok, "a number > 0 (1 is off)")
+        # bounded: a penalty of 1e-300 is 0 in fp32, and a logit divided by it is inf (NaN after softmax)
+        penalty_ok = _is_real(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100
+        self._check("repetition_penalty", penalty_ok, "a number in [0.01, 100] (1 is off)")
         for name in ("presence_penalty", "frequency_penalty"):
             self._check(name, _is_real(getattr(self, name)) and abs(getattr(self, name)) <= 2, "a number in [-2, 2]")
         stops_ok = isinstance(self.stop, (tuple, list)) and all(isinstance(s, str) and s for s in self.stop)

@@ -50,6 +50,7 @@ HOSTILE = [
     ("temperature Infinity", "POST", C, '{"prompt": "a", "temperature": Infinity}', {}, 400),
     ("temperature 1e400", "POST", C, '{"prompt": "a", "temperature": 1e400}', {}, 400),
     ("temperature -1e-45", "POST", C, {"prompt": "a", "temperature": -1e-45}, {}, 400),
+    ("repetition_penalty 1e-300", "POST", C, {"prompt": "a", "repetition_penalty": 1e-300}, {}, 400),
     ("top_p NaN", "POST", C, '{"prompt": "a", "top_p": NaN}', {}, 400),
     ("presence -Infinity", "POST", C, '{"prompt": "a", "presence_penalty": -Infinity}', {}, 400),
     ("logit_bias value NaN", "POST", C, '{"prompt": "a", "logit_bias": {"5": NaN}}', {}, 400),
@@ -132,6 +133,8 @@ AT_LIMITS = [
     {"prompt": "a", "max_tokens": 4, "stop": ["y" * 256] * 16},
     {"prompt": "a", "max_tokens": 4, "logprobs": 20, "echo": True},
     {"prompt": "a", "max_tokens": 4, "top_k": 2**31, "presence_penalty": 2, "frequency_penalty": -2},
+    {"prompt": "a a a", "max_tokens": 4, "temperature": 1, "repetition_penalty": 0.01, "top_p": 1e-300},
+    {"prompt": "a a a", "max_tokens": 4, "temperature": 1e-3, "repetition_penalty": 100, "seed": 1},
     {"prompt": ["a"] * 2, "max_tokens": 2, "n": 32},
 ]
 

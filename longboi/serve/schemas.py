@@ -46,7 +46,7 @@ class Sampling(Strict):
     seed: Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])] | None = None
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
-    repetition_penalty: Annotated[float, Field(gt=0, le=100)] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=0.01, le=100)] = 1.0  # 1e-300 is 0 in fp32: logits / 0
     logit_bias: Annotated[dict[TokenKey, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
