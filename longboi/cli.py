@@ -663,7 +663,7 @@ def serve(
         served_model_name: the model name clients send (default: the checkpoint directory's name).
         prefill_chunk: prompt tokens prefilled between two decode steps (long prompts go in chunks).
         quantize: int8: int8 weights for the linear layers and LM head (more tokens/s on a CPU).
-        kv_cache_memory: KV-cache memory limit (4GiB, 512MiB; auto: half the memory available; none): requests wait.
+        kv_cache_memory: KV-cache limit (4GiB, 512MiB; auto: a third of the free memory; none): requests wait.
         allowed_hosts: Host header names the server answers to (repeatable; * for any). Default: the
             loopback names when bound to loopback (a web page cannot reach it by DNS rebinding), any otherwise.
     """
@@ -672,7 +672,7 @@ def serve(
     try:
         import uvicorn
 
-        from longboi.serve.api import Settings, create_app
+        from longboi.serve.api import Settings, create_app, parse_kv_cache_memory
     except ImportError as e:
         raise UserError(
             f"longboi serve needs the serve extra ({e.name} is missing): pip install 'longboi[serve]'"
@@ -685,7 +685,7 @@ def serve(
     key = api_key or os.environ.get("LONGBOI_API_KEY") or None
     name = served_model_name or Path(ckpt).resolve().name
     settings = Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk)
-    settings.kv_cache_bytes = _kv_cache_bytes(kv_cache_memory)
+    settings.kv_cache_bytes = parse_kv_cache_memory(kv_cache_memory)
     settings.allowed_hosts = _allowed_hosts(host, allowed_hosts)
     app = create_app(settings, lambda: _load_for_serving(source, dtype, quantize))
     _serve_banner(settings, f"http://{host}:{port}", source)
@@ -695,7 +695,7 @@ def serve(
 
 def _serve_banner(s, url: str, source: Path) -> None:
     """What the server is about to serve, with its limits; a warning when anyone could use it."""
-    kv = "no limit" if s.kv_cache_bytes is None else f"{s.kv_cache_bytes / 2**30:.2f} GiB"
+    kv = {None: "no limit", "auto": "auto"}.get(s.kv_cache_bytes) or f"{s.kv_cache_bytes / 2**30:.2f} GiB"
     print(
         f"longboi serve: {url} (chat page at /, OpenAI API at /v1) model {s.model_name!r} from {source}; "
         f"max_batch {s.max_batch}, max_queue {s.max_queue}, max_model_len {s.max_model_len}, KV cache {kv}, "
@@ -706,48 +706,16 @@ def _serve_banner(s, url: str, source: Path) -> None:
         print("warning: no API key and any Host header: anyone who can reach this port can use it", flush=True)
 
 
-def _kv_cache_bytes(text: str) -> int | None:
-    """`4GiB`, `512MiB`, `1e9` (bytes), `auto` (half the memory available now) or `none`."""
-    import re
-
-    value = text.strip().lower()
-    if value == "none":
-        return None
-    if value == "auto":
-        return _available_memory() // 2
-    m = re.fullmatch(r"([0-9.]+(?:e[0-9]+)?)\s*(b|kib|mib|gib|tib|kb|mb|gb|tb)?", value)
-    units = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
-    units |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-    try:
-        size = int(float(m.group(1)) * units[m.group(2) or "b"]) if m else 0
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise UserError(f"--kv-cache-memory {text!r}: expected a size such as 4GiB or 512MiB, auto, or none")
-    return size
-
-
-def _available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable), or all of it where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
 def _allowed_hosts(bind: str, given: list[str] | None) -> tuple[str, ...]:
     """Host names to answer: as given, else the loopback names for a loopback bind, else any."""
-    from longboi.serve.api import LOOPBACK_NAMES
+    from longboi.serve.api import LOOPBACK_NAMES, host_name
 
-    if given:
-        return tuple(h.strip().lower() for h in given)
-    if bind in LOOPBACK_NAMES or bind.startswith("127."):
-        return LOOPBACK_NAMES + (() if bind in LOOPBACK_NAMES else (bind,))
+    if given:  # as the Host header is compared: no port, IPv6 in brackets
+        bracketed = [f"[{h.strip()}]" if h.count(":") > 1 and "[" not in h else h for h in given]
+        return tuple(h if h == "*" else host_name(h) for h in bracketed)
+    if bind in ("localhost", "::1") or bind.startswith("127."):
+        name = "[::1]" if bind == "::1" else bind
+        return LOOPBACK_NAMES + (() if name in LOOPBACK_NAMES else (name,))
     return ("*",)
 
 

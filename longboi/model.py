@@ -202,14 +202,25 @@ class SlotCache:
         assert self.keys is not None and self.values is not None and source.keys is not None
         assert source.values is not None
         n = source.length
+        self._clear_tail(row, n)
         self.keys[:, row, :, :n] = source.keys[:, source_row, :, :n]
         self.values[:, row, :, :n] = source.values[:, source_row, :, :n]
         self.lengths[row] = n
+
+    def _clear_tail(self, row: int, n: int) -> None:
+        """Zero what a row's previous sequence left past position n, including one position a failed
+        forward may have written: masked keys must stay finite (a masked weight is 0, and 0 x inf is NaN)."""
+        assert self.keys is not None and self.values is not None
+        old = min(int(self.lengths[row]) + 1, self.capacity)
+        if old > n:
+            self.keys[:, row, :, n:old] = 0
+            self.values[:, row, :, n:old] = 0
 
     def move(self, src: int, dst: int) -> None:
         """Copy row `src` over row `dst` (compaction after a sequence retires)."""
         assert self.keys is not None and self.values is not None
         n = int(self.lengths[src])
+        self._clear_tail(dst, n)
         self.keys[:, dst, :, :n] = self.keys[:, src, :, :n]
         self.values[:, dst, :, :n] = self.values[:, src, :, :n]
         self.lengths[dst] = n

@@ -101,6 +101,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_each(self, ids: list[int]) -> list[str]:
+        """Each id decoded alone (special tokens kept), in one call that releases the GIL."""
+        return self._tok.decode_batch([[i] for i in ids], skip_special_tokens=False)
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for. A byte-level BPE token can hold part of a UTF-8 character
         (decoding it alone gives U+FFFD): its own bytes come from the byte-to-character map instead."""
@@ -115,7 +119,8 @@ class Tokenizer:
     @cached_property
     def max_token_bytes(self) -> int:
         """The most bytes one token stands for: a text longer than n times this has more than n tokens."""
-        return max(len(self.token_bytes(i)) for i in range(self.vocab_size))
+        pieces = (self._tok.id_to_token(i) or "" for i in range(self.vocab_size))
+        return max(max(len(self.token_bytes(i)), len(p.encode())) for i, p in enumerate(pieces))
 
     @cached_property
     def _byte_layout(self) -> tuple[bool, frozenset[int]]:

@@ -301,7 +301,7 @@ def test_a_fault_for_one_job_fails_it_alone_and_16_others_finish_as_in_a_clean_r
     model = build(small_config(max_seq_len=128), seed=3)
     prompts = [tok.encode(f"Request {i} talks about the sea and") for i in range(16)]
     chosen_prompt = tok.encode("The chosen one has a longer prompt than the others, so it prefills in pieces")
-    params = SamplingParams(max_new_tokens=24, temperature=0)
+    params = SamplingParams(max_new_tokens=24, temperature=0.9, top_k=40, seed=7)  # a rerun must draw the same
     clean_engine = Engine(model, tok, max_batch=32, prefill_chunk=8).start()
     try:
         clean, chosen_clean, _ = collect(clean_engine, prompts, params, chosen_prompt)
@@ -324,6 +324,43 @@ def test_a_fault_for_one_job_fails_it_alone_and_16_others_finish_as_in_a_clean_r
         assert again == clean[:2]
     finally:
         engine.stop()
+
+
+def test_a_reused_cache_row_never_sees_what_its_last_sequence_left(tokenizer_path):
+    """Positions past a row's length are masked, and a masked weight is 0; but 0 x inf is NaN, so what a
+    retired sequence left there (here: inf, as an overflowing model might write) is cleared on reuse."""
+    from longboi.model import KVCache, SlotCache
+
+    cache = SlotCache(n_layers=1, slots=2)
+    long, short = KVCache(1), KVCache(1)
+    long.update(0, torch.full((1, 1, 6, 2), float("inf")), torch.full((1, 1, 6, 2), float("inf")))
+    long.advance(6)
+    short.update(0, torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    short.advance(2)
+    cache.fit(2, 8, like=long.keys)
+    cache.insert(0, long)
+    cache.insert(1, short)
+    cache.rows = 2
+    cache.move(1, 0)  # row 0's sequence retired: row 1 moves in
+    assert torch.isfinite(cache.keys[:, 0]).all() and torch.isfinite(cache.values[:, 0]).all()
+    cache.insert(1, short)  # and a new sequence into the row the move freed
+    assert torch.isfinite(cache.keys[:, 1]).all()
+
+
+def test_a_client_that_hangs_up_on_a_non_streamed_request_ends_it(ckpt):
+    """The handler stops waiting (the engine sends a cancelled job nothing more): its row is freed, and
+    Ctrl-C does not sit out the 30 s graceful-shutdown timeout for it."""
+    s = Server(ckpt, "--max-model-len", "4096", "--dtype", "fp32")
+    body = {"prompt": "hang up", "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{s.url}{C}", json=body, timeout=1.5)
+    deadline = time.monotonic() + 10
+    while "longboi_requests_running 0" not in httpx.get(f"{s.url}/metrics").text:
+        assert time.monotonic() < deadline, "the row was never freed"
+        time.sleep(0.1)
+    start = time.monotonic()
+    code, out = s.stop()
+    assert code == 0 and time.monotonic() - start < 15, out
 
 
 # -- memory that follows the work ------------------------------------------------------------------
@@ -449,10 +486,11 @@ def test_chat_logprob_bytes_are_each_tokens_own_bytes(tokenizer_path):
 
 
 def test_serve_limits_from_the_command_line(ckpt, capsys):
-    from longboi.cli import _allowed_hosts, _kv_cache_bytes, main
+    from longboi.cli import _allowed_hosts, main
+    from longboi.serve.api import parse_kv_cache_memory as parse
 
-    assert _kv_cache_bytes("4GiB") == 4 * 2**30 and _kv_cache_bytes("512 MiB") == 512 * 2**20
-    assert _kv_cache_bytes("1e9") == 10**9 and _kv_cache_bytes("none") is None and _kv_cache_bytes("auto") > 0
+    assert parse("4GiB") == 4 * 2**30 and parse("512 MiB") == 512 * 2**20
+    assert parse("1e9") == 10**9 and parse("none") is None and parse("auto") == "auto"
     for bad in ("lots", "-1GiB", "0", "4 parsecs"):
         assert main(["serve", str(ckpt), f"--kv-cache-memory={bad}"]) == 2
         err = capsys.readouterr().err.strip()
@@ -460,3 +498,4 @@ def test_serve_limits_from_the_command_line(ckpt, capsys):
     assert "localhost" in _allowed_hosts("127.0.0.1", None) and "*" not in _allowed_hosts("127.0.0.1", None)
     assert "127.0.0.2" in _allowed_hosts("127.0.0.2", None)
     assert _allowed_hosts("0.0.0.0", None) == ("*",) and _allowed_hosts("0.0.0.0", ["Api.Example"]) == ("api.example",)
+    assert _allowed_hosts("::", ["::1", "a.example:8000", "[::2]:80", "*"]) == ("[::1]", "a.example", "[::2]", "*")

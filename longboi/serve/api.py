@@ -19,7 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from longboi.errors import UserError
 from longboi.generate import SamplingParams
@@ -38,7 +38,7 @@ OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the chat page (it 
 PAGE = Path(__file__).with_name("static") / "index.html"
 
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Settings:
     max_model_len: int | None = None  # None: the model's max_seq_len
     max_body_bytes: int = 8 * 2**20
     prefill_chunk: int = 256
-    kv_cache_bytes: int | None = None  # None: no limit but max_batch x max_model_len
+    kv_cache_bytes: int | Literal["auto"] | None = None  # None: no limit but max_batch x max_model_len
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host header names answered ("*": any)
 
 
@@ -117,9 +117,8 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
     s = served.settings
     try:
         model, tok = load()
-        engine = Engine(
-            model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics, s.kv_cache_bytes
-        )
+        kv = available_memory() // 3 if s.kv_cache_bytes == "auto" else s.kv_cache_bytes  # measured after the load
+        engine = Engine(model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics, kv)
     except Exception as e:  # the server stays up to say why (health 503 with the reason)
         served.load_error = f"the model failed to load: {e}"
         print(f"error: {served.load_error}", flush=True)
@@ -127,9 +126,45 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
     served.metrics.gauge("requests_running", "Sequences being prefilled or decoded.", lambda: engine.load[0])
     served.metrics.gauge("requests_waiting", "Requests queued for a batch slot.", lambda: engine.load[1])
     served.metrics.gauge("kv_cache_bytes", "Bytes held by the decode KV cache.", lambda: engine.cache.nbytes)
+    _ = tok.max_token_bytes  # computed once now (a pass over the vocabulary), not on the first request
     served.engine = engine.start()
     precision = precision_of(model)
-    print(f"ready: {s.model_name} (precision {precision}, max_model_len {engine.max_model_len})", flush=True)
+    kv = "no limit" if engine.kv_cache_bytes is None else f"{engine.kv_cache_bytes / 2**30:.2f} GiB"
+    print(
+        f"ready: {s.model_name} (precision {precision}, max_model_len {engine.max_model_len}, KV cache {kv})",
+        flush=True,
+    )
+
+
+def parse_kv_cache_memory(text: str) -> int | Literal["auto"] | None:
+    """`4GiB`, `512MiB`, `1e9` (bytes), `auto` or `none`. auto is a third of the memory available once the
+    model is loaded: while the cache grows, its old and new buffers exist together for a moment."""
+    value = text.strip().lower()
+    if value in ("none", "auto"):
+        return None if value == "none" else "auto"
+    m = re.fullmatch(r"([0-9.]+(?:e[0-9]+)?)\s*(b|kib|mib|gib|tib|kb|mb|gb|tb)?", value)
+    units = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12}
+    units |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+    try:
+        size = int(float(m.group(1)) * units[m.group(2) or "b"]) if m else 0
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise UserError(f"--kv-cache-memory {text!r}: expected a size such as 4GiB or 512MiB, auto, or none")
+    return size
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (MemAvailable), or all of it where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class Guard:
@@ -151,6 +186,8 @@ class Guard:
             rejection = _content_type_rejection(headers.get("content-type"))
             if rejection is None:
                 body, rejection = await self._read_body(receive)
+                if body is None:  # the client left while sending its body: nobody to answer
+                    return
                 receive = _replay(body, receive)
         if rejection is None:
             return await self.app(scope, receive, send)
@@ -158,7 +195,7 @@ class Guard:
         await rejection(scope, receive, send)
 
     def _check(self, path: str, headers: dict[str, str]) -> Response | None:
-        host = _host_name(headers.get("host", ""))
+        host = host_name(headers.get("host", ""))
         allowed = self.served.settings.allowed_hosts
         if "*" not in allowed and host not in allowed:
             message = f"Host header {host!r} is not a name this server answers to (see --allowed-hosts)"
@@ -173,13 +210,14 @@ class Guard:
             return error_response(413, f"request body of {length} bytes is over {limit}", "invalid_request_error")
         return None
 
-    async def _read_body(self, receive) -> tuple[bytes, Response | None]:
-        """The whole body, or a 413 as soon as it passes the limit (nothing more is read)."""
+    async def _read_body(self, receive) -> tuple[bytes | None, Response | None]:
+        """The whole body, or a 413 as soon as it passes the limit (nothing more is read); None if the
+        client went away."""
         limit, parts, size = self.served.settings.max_body_bytes, [], 0
         while True:
             message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                return b"", None
+            if message["type"] != "http.request":
+                return None, None
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -212,7 +250,7 @@ def _replay(body: bytes, receive):
     return replay
 
 
-def _host_name(host: str) -> str:
+def host_name(host: str) -> str:
     """'Example.com:8000' -> 'example.com'; '[::1]:8000' -> '[::1]'."""
     host = host.strip().lower()
     if host.startswith("["):
@@ -324,20 +362,24 @@ def _routes(app: FastAPI, served: Served) -> None:
 
 
 def _tokenizer_routes(app: FastAPI, served: Served) -> None:
+    from fastapi.responses import JSONResponse
+
     from longboi.serve.schemas import DetokenizeRequest, TokenizeRequest
 
-    def tokenized(body, tok: Tokenizer) -> tuple[list[int], list[str]]:
+    def tokenized(body, tok: Tokenizer, limit: int) -> tuple[list[int], list[str]]:
         text = body.prompt if body.prompt is not None else _chat_prompt(tok, body.messages, body.add_generation_prompt)
-        ids = _encode(tok, text, "prompt" if body.prompt is not None else "messages")
-        return ids, [tok.decode([i], skip_special_tokens=False) for i in ids]
+        ids = _encode(tok, text, "prompt" if body.prompt is not None else "messages", limit)
+        return ids, tok.decode_each(ids)
 
     async def tokenize(body):
         engine, tok = served.ready()
         _check_model(served, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt or messages", param="prompt")
-        ids, strs = await asyncio.to_thread(tokenized, body, tok)  # off the event loop: other requests go on
-        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+        ids, strs = await asyncio.to_thread(tokenized, body, tok, engine.max_model_len)  # off the event loop
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": strs}
+        )
 
     async def detokenize(body):
         _, tok = served.ready()
@@ -508,6 +550,8 @@ class Pending:
         open_jobs = len(self.jobs)
         while open_jobs:
             index, event = await self.queue.get()
+            if index < 0:  # cancelled: the engine sends a cancelled job nothing more, so stop waiting
+                raise APIError(499, "the client closed the request", "invalid_request_error")
             if event.error:
                 raise APIError(500, event.error, "server_error")
             if event.done:
@@ -522,8 +566,10 @@ class Pending:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
 
     def cancel(self) -> None:
+        """Free the jobs' rows, and end `events` (a handler whose client hung up must not wait forever)."""
         for job in self.jobs:
             self.engine.cancel(job)
+        self.queue.put_nowait((-1, Event(done=True)))
 
 
 @dataclass
@@ -560,6 +606,12 @@ async def _disconnected(request: Request, pending: Pending) -> None:
     pending.cancel()
 
 
+def _json(body: dict) -> JSONResponse:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(body)  # serialized here (FastAPI's encoder would walk a returned dict on the event loop)
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -587,6 +639,8 @@ async def _completions(served: Served, body: CompletionRequest, request: Request
         raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
     items = _prompt_items(body.prompt)
     _check_n(served, body.n, len(items))
+    if len(items) > served.settings.max_queue:  # could never be queued: a 429 would invite a retry forever
+        raise APIError(400, f"prompt: {len(items)} prompts, over the server's --max-queue", param="prompt")
     max_tokens = 16 if body.max_tokens is None else body.max_tokens
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 is only allowed with echo", param="max_tokens")
@@ -607,14 +661,20 @@ async def _completions(served: Served, body: CompletionRequest, request: Request
         chunks = _stream_completion(pending, body, tok, meta, texts)
         return StreamingResponse(_guarded_stream(pending, chunks), media_type="text/event-stream")
     choices, usage, prompt_infos = await _collect(pending, request, body.n)
-    out = []
-    for index in range(len(prompts) * body.n):
-        c, job = choices.get(index, ChoiceOut()), index // body.n
-        prefix = texts[job] if body.echo else ""
-        infos = (prompt_infos[job] or []) + c.tokens if body.echo else c.tokens
-        logprobs = None if body.logprobs is None else _legacy_logprobs(tok, infos, 0)
-        out.append({"index": index, "text": prefix + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
-    return {"object": "text_completion", **meta, "choices": out, "usage": usage}
+
+    def respond() -> JSONResponse:  # in a thread: echo + logprobs of 64 long prompts is millions of decodes
+        out = []
+        for index in range(len(prompts) * body.n):
+            c, job = choices.get(index, ChoiceOut()), index // body.n
+            prefix = texts[job] if body.echo else ""
+            infos = (prompt_infos[job] or []) + c.tokens if body.echo else c.tokens
+            logprobs = None if body.logprobs is None else _legacy_logprobs(tok, infos, 0)
+            out.append(
+                {"index": index, "text": prefix + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+            )
+        return _json({"object": "text_completion", **meta, "choices": out, "usage": usage})
+
+    return await asyncio.to_thread(respond)
 
 
 async def _stream_completion(pending: Pending, body: CompletionRequest, tok: Tokenizer, meta: dict, texts: list):
@@ -630,7 +690,9 @@ async def _stream_completion(pending: Pending, body: CompletionRequest, tok: Tok
             text = texts[job] if ev.prompt is not None else ev.text
             infos = ev.prompt if ev.prompt is not None else ev.tokens
             start = offsets.get(index, 0)
-            logprobs = None if body.logprobs is None else _legacy_logprobs(tok, infos, start)
+            logprobs = None
+            if body.logprobs is not None:  # a whole echoed prompt's alternatives are decoded off the event loop
+                logprobs = await asyncio.to_thread(_legacy_logprobs, tok, infos, start)
             offsets[index] = start + len(text)
             yield _sse(base | {"choices": [_text_choice(index, text, logprobs, ev.finish_reason)]})
     if body.stream_options and body.stream_options.include_usage:
@@ -676,6 +738,8 @@ async def _chat(served: Served, body: ChatRequest, request: Request):
         raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     limit = engine.max_model_len
     ids = await asyncio.to_thread(lambda: _encode(tok, _chat_prompt(tok, body.messages), "messages", limit))
+    if not ids:
+        raise APIError(400, "messages: the conversation renders to no tokens", param="messages")
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = asked if asked is not None else max(engine.max_model_len - len(ids), 1)
     _check_fits(engine, len(ids), max_tokens)
@@ -696,13 +760,17 @@ async def _chat(served: Served, body: ChatRequest, request: Request):
         chunks = _stream_chat(pending, body, tok, meta)
         return StreamingResponse(_guarded_stream(pending, chunks), media_type="text/event-stream")
     choices, usage, _ = await _collect(pending, request, body.n)
-    out = []
-    for index in range(body.n):
-        c = choices.get(index, ChoiceOut())
-        message = {"role": "assistant", "content": c.text}
-        lp = {"content": _chat_logprobs(tok, c.tokens)} if body.logprobs else None
-        out.append({"index": index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
-    return {"object": "chat.completion", **meta, "choices": out, "usage": usage}
+
+    def respond() -> JSONResponse:  # in a thread: n x tokens x top_logprobs decodes
+        out = []
+        for index in range(body.n):
+            c = choices.get(index, ChoiceOut())
+            message = {"role": "assistant", "content": c.text}
+            lp = {"content": _chat_logprobs(tok, c.tokens)} if body.logprobs else None
+            out.append({"index": index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
+        return _json({"object": "chat.completion", **meta, "choices": out, "usage": usage})
+
+    return await asyncio.to_thread(respond)
 
 
 async def _stream_chat(pending: Pending, body: ChatRequest, tok: Tokenizer, meta: dict):

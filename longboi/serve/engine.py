@@ -177,8 +177,10 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when `max_queue` jobs already wait."""
-        if not job.prompt or job.n < 1:
-            raise ValueError("a job needs at least one prompt token and one choice")
+        if not job.prompt or job.n < 1 or job.n > self.max_batch:
+            raise ValueError(f"a job needs at least one prompt token and 1 to {self.max_batch} choices")
+        if len(job.prompt) >= self.max_model_len:
+            raise ValueError(f"a prompt of {len(job.prompt)} tokens leaves no room under max_model_len")
         with self.wake:
             if len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
@@ -256,7 +258,7 @@ class Engine:
             if self.waiting and not (self.running or self.prefilling):  # cannot fit even alone
                 job = self.waiting.popleft()
                 need = self.kv_bytes(job.n, len(job.prompt), job.params.max_new_tokens)
-                limit = (self.kv_cache_bytes or 0) / 2**20
+                limit = (self.kv_cache_bytes or 0) / 2**20  # (only reached with a limit: submit checks n)
                 self._fail(job, f"the request needs {need / 2**20:.1f} MiB of KV cache; the limit is {limit:.1f} MiB")
 
     def _fits(self, job: Job) -> bool:
@@ -290,6 +292,7 @@ class Engine:
             except Exception as e:  # this job's fault alone
                 log.exception("prefill failed")
                 self._fail(p.job, e)
+                self._sweep()  # choices it had already put in rows
 
     def _prefill_chunk(self, p: _Prefill, end: int) -> torch.Tensor:
         """Run prompt tokens [done, end) through the model; return the last position's (V,) logits."""
@@ -374,7 +377,14 @@ class Engine:
 
     def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Sample one token per sequence from its (V,) logits row, record it, emit text, retire."""
-        ok, picked = self._isolated(seqs, lambda idx: self._sample([seqs[i] for i in idx], logits[idx]))
+        states = [None if s.generator is None else s.generator.get_state() for s in seqs]
+
+        def sample(idx: list[int]) -> list[tuple[int, TokenInfo]]:
+            if len(idx) == 1 and states[idx[0]] is not None:  # a rerun draws as the batch would have
+                seqs[idx[0]].generator.set_state(states[idx[0]])
+            return self._sample([seqs[i] for i in idx], logits[idx])
+
+        ok, picked = self._isolated(seqs, sample)
         now = time.monotonic()
         for s, (token, info) in zip(ok, picked):
             try:
