@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,7 +89,7 @@ def test_runs_of_spaces_and_tabs_tokenize_generate_and_print_as_ours(tmp_path, t
     """Token ids equal ours for whitespace runs, and a model trained on indented code generates the same
     greedy tokens in llama.cpp, which prints them as the same text, indentation included."""
     tok = Tokenizer(tokenizer_path)
-    code = (Path(__file__).parents[1] / "longboi" / "model.py").read_text()
+    code = "".join(f"def f{i}(x):\n    if x > {i}:\n        return x - {i}\n\treturn {i}\n\n" for i in range(600))
     model = trained(tok, steps=80, text=code)
     save_checkpoint(model, tmp_path / "ck", tok)
     llm = llama(to_gguf(tmp_path / "ck", tmp_path / "m.gguf"))
@@ -99,7 +98,7 @@ def test_runs_of_spaces_and_tabs_tokenize_generate_and_print_as_ours(tmp_path, t
             ids = tok.encode(text)
             assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids, text
             assert llm.detokenize(ids).decode() == text
-        prompt = tok.encode("    def forward(self, x):\n")
+        prompt = tok.encode("def f7(x):\n")
         greedy = SamplingParams(max_new_tokens=48, temperature=0)
         expected = torch.stack(list(generate_ids(model, [prompt], greedy, None)), 1)[0].tolist()
         got = [t for t, _ in zip(llm.generate(prompt, temp=0.0, top_k=1, reset=True), range(48))]
@@ -107,7 +106,7 @@ def test_runs_of_spaces_and_tabs_tokenize_generate_and_print_as_ours(tmp_path, t
         llm.close()
     assert got == expected
     text = tok.decode(expected)
-    assert llm_text(tmp_path / "m.gguf", got) == text and "\n        " in text  # indentation generated, and printed
+    assert llm_text(tmp_path / "m.gguf", got) == text and "\n        return" in text  # indentation, printed
 
 
 def llm_text(path, ids: list[int]) -> str:
