@@ -585,14 +585,10 @@ def eval(  # noqa: A001 - the command is `longboi eval`
     model, tok = _load(ckpt, dtype)
     results, skipped = evaluate(model, tok, task_list, data_root, max_seq_len, limit)
     scores = gauntlet_scores(g, results) if g else None
-    path = write_results(results, skipped, out or Path(ckpt) / "eval", scores, _precision_of(model))
+    precision = _precision_of(model)
+    path = write_results(results, skipped, out or Path(ckpt) / "eval", scores, precision)
     print((path / "results.md").read_text())
-    return {
-        "results": [r.__dict__ for r in results],
-        "skipped": skipped,
-        "gauntlet": scores,
-        "precision": _precision_of(model),
-    }
+    return {"results": [r.__dict__ for r in results], "skipped": skipped, "gauntlet": scores, "precision": precision}
 
 
 def perplexity(

@@ -691,8 +691,10 @@ async def _stream_completion(pending: Pending, body: CompletionRequest, tok: Tok
             infos = ev.prompt if ev.prompt is not None else ev.tokens
             start = offsets.get(index, 0)
             logprobs = None
-            if body.logprobs is not None:  # a whole echoed prompt's alternatives are decoded off the event loop
+            if body.logprobs is not None and ev.prompt is not None:  # a whole echoed prompt: off the event loop
                 logprobs = await asyncio.to_thread(_legacy_logprobs, tok, infos, start)
+            elif body.logprobs is not None:  # a token or a few: no thread hop per token
+                logprobs = _legacy_logprobs(tok, infos, start)
             offsets[index] = start + len(text)
             yield _sse(base | {"choices": [_text_choice(index, text, logprobs, ev.finish_reason)]})
     if body.stream_options and body.stream_options.include_usage:

@@ -163,8 +163,13 @@ class Engine:
 
     def kv_bytes(self, n: int, prompt_tokens: int, max_tokens: int) -> int:
         """The most KV-cache memory a job of n choices can need (all of them at their longest)."""
-        rows, positions = self.cache.target(n, self._final_length(prompt_tokens, max_tokens))
-        return (rows * positions + prompt_tokens) * self.kv_token_bytes
+        return self._kv_cost(n, self._final_length(prompt_tokens, max_tokens), prompt_tokens)
+
+    def _kv_cost(self, rows: int, longest: int, prefill_tokens: int) -> int:
+        """Bytes of `rows` cache rows sized for a longest sequence of `longest` positions, as `fit` would
+        allocate them, plus the prefill caches of `prefill_tokens` prompt tokens."""
+        cache_rows, positions = self.cache.target(rows, longest)
+        return (cache_rows * positions + prefill_tokens) * self.kv_token_bytes
 
     def fitting_tokens(self, n: int, prompt_tokens: int, wanted: int) -> int:
         """The largest max_tokens up to `wanted` whose worst case fits the KV-cache limit (0: none)."""
@@ -240,11 +245,9 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         with self.wake:
-            self.waiting = deque(j for j in self.waiting if not j.cancelled)
             cancelled = [j for j in self.jobs if j.cancelled]  # under the lock: submit adds to jobs
-        self.prefilling = deque(p for p in self.prefilling if not p.job.cancelled)
         for job in cancelled:
-            self._end(job)
+            self._end(job)  # out of the waiting and prefill lines; its rows go at the sweep
         self._sweep()
 
     def _admit(self) -> None:
@@ -269,9 +272,8 @@ class Engine:
             return True
         jobs = [s.job for s in self.running] + [p.job for p in self.prefilling] + [job]
         longest = max(self._final_length(len(j.prompt), j.params.max_new_tokens) for j in jobs)
-        cache_rows, positions = self.cache.target(rows, longest)
         prefill_tokens = sum(len(p.job.prompt) for p in self.prefilling) + len(job.prompt)
-        return (cache_rows * positions + prefill_tokens) * self.kv_token_bytes <= self.kv_cache_bytes
+        return self._kv_cost(rows, longest, prefill_tokens) <= self.kv_cache_bytes
 
     def _final_length(self, prompt_tokens: int, max_tokens: int) -> int:
         return min(prompt_tokens + max_tokens, max(self.max_model_len, prompt_tokens + 1))
