@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 from longboi.cli import main as longboi
+from longboi.flops import model_stats
 from longboi.hardware import cpu_capability, cpu_model
-from longboi.plan import model_stats
+from longboi.runs import read_metrics
 from longboi.scaling import fit_runs, plot_fit, read_run
 from longboi.train.config import load_train_config
-from longboi.train.monitor import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [

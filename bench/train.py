@@ -37,8 +37,8 @@ def measure(name: str, precision: str, batch: int, seq: int, data_dir: Path, ste
 
     from longboi.config import preset
     from longboi.data.stream import StreamingDataset, StreamLoader
+    from longboi.flops import model_stats
     from longboi.hardware import cpu_capability, peak_flops
-    from longboi.plan import model_stats
     from longboi.train.config import OptimizerConfig
     from longboi.train.loop import train_step
     from longboi.train.optim import build_optimizer

@@ -27,7 +27,8 @@ def info(target: str, seq_len: int | None = None) -> dict:
         target: a preset name (tiny, mpt-125m ... mpt-30b) or a checkpoint directory.
         seq_len: sequence length for the attention FLOPs term (default: the model's max_seq_len).
     """
-    from longboi.plan import human, memory_table, model_stats
+    from longboi.flops import model_stats
+    from longboi.plan import human, memory_table
 
     cfg = _config_of(target)
     stats = model_stats(cfg, seq_len)
@@ -197,7 +198,7 @@ def scaling(
         png: write the log-log plot here (none: no plot).
         floor: fit the irreducible-loss floor c (--no-floor: a pure power law, c = 0).
     """
-    from longboi.plan import model_stats
+    from longboi.flops import model_stats
     from longboi.scaling import fit_runs, plot_fit, read_run
 
     points = [read_run(r) for r in runs]

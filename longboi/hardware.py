@@ -23,19 +23,53 @@ import torch
 from longboi.config import Precision
 from longboi.errors import UserError
 
-# Dense bf16 tensor-core peak FLOP/s per device (vendor datasheets, without sparsity).
-GPU_PEAK_BF16 = {
-    "H100": 989e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "A10": 125e12,
-    "L4": 121e12,
-    "L40": 181e12,
-    "V100": 125e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "A6000": 155e12,
+# One table of accelerators, used by MFU (the device torch reports) and by `longboi plan` (by name).
+# Peak: dense bf16 tensor-core FLOP/s from the vendor datasheets (the sparse figures are 2x).
+USABLE_MEMORY = 0.9  # of an accelerator's memory: the CUDA context and allocator fragmentation take the rest
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    peak_flops: float  # dense bf16 tensor-core FLOP/s
+    memory_gib: float
+    mfu_table: str | None  # which LLM Foundry table gives its default MFU (None: a proxy, said so)
+    bf16: bool = True  # trains in bf16 autocast (a CPU without native bf16 trains in fp32)
+    device_names: tuple[str, ...] = ()  # substrings of torch.cuda.get_device_name (the longest match wins)
+
+    @property
+    def usable_bytes(self) -> float:
+        return USABLE_MEMORY * self.memory_gib * 2**30
+
+
+ACCELERATORS = {
+    a.name: a
+    for a in (
+        # NVIDIA A100 datasheet: 312 TFLOPS bf16 (624 sparse)
+        Accelerator("a100-40gb", 312e12, 40, "a100-40gb", device_names=("A100",)),
+        Accelerator("a100-80gb", 312e12, 80, "a100-80gb", device_names=("A100 80GB", "A100-SXM4-80GB", "A100-80GB")),
+        Accelerator("h100", 989.4e12, 80, "h100", device_names=("H100",)),  # H100 SXM: 1,979 with sparsity
+        Accelerator("h200", 989.4e12, 141, "h100", device_names=("H200",)),  # H100's compute, 141 GB HBM3e
+        Accelerator("l4", 121e12, 24, None, device_names=("L4",)),  # L4: 242 TFLOPS bf16 with sparsity
+        Accelerator("l40", 181e12, 48, None, device_names=("L40",)),  # L40: 362 with sparsity
+        Accelerator("l40s", 362e12, 48, None, device_names=("L40S",)),  # L40S: 733 with sparsity
+        Accelerator("a10", 125e12, 24, None, device_names=("A10",)),  # A10: 125 dense, 250 sparse
+        Accelerator("a6000", 155e12, 48, None, device_names=("A6000",)),  # RTX A6000: 309.7 with sparsity
+        Accelerator("rtx-3090", 71e12, 24, None, device_names=("RTX 3090",)),
+        Accelerator("rtx-4090", 165.2e12, 24, None, device_names=("RTX 4090",)),  # Ada: bf16, fp32 accumulate
+        Accelerator("v100", 125e12, 32, None, bf16=False, device_names=("V100",)),  # fp16 tensor cores; no bf16
+        Accelerator("mi300x", 1307.4e12, 192, None, device_names=("MI300X",)),  # AMD MI300X: bf16 dense
+    )
 }
+UNKNOWN_GPU_PEAK = 100e12  # a GPU missing from the table (MFU says so: pass log.peak_flops to correct it)
+
+
+def accelerator_of(device_name: str) -> Accelerator | None:
+    """The table's entry for a device name as torch reports it ("NVIDIA H100 80GB HBM3"), or None."""
+    found = [(len(n), a) for a in ACCELERATORS.values() for n in a.device_names if n in device_name]
+    return max(found, key=lambda x: x[0])[1] if found else None
+
+
 PEAK_CACHE = Path(os.path.expanduser("~/.cache/longboi/peak_flops.json"))
 
 
@@ -140,11 +174,9 @@ def peak_flops(device: torch.device, bf16: bool, override: float | None = None) 
     if override:
         return override
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, value in GPU_PEAK_BF16.items():
-            if key in name:
-                return value if bf16 else value / 2  # tf32 is about half the bf16 rate
-        return 100e12
+        known = accelerator_of(torch.cuda.get_device_name(device))
+        value = known.peak_flops if known else UNKNOWN_GPU_PEAK
+        return value if bf16 else value / 2  # tf32 is about half the bf16 rate
     return cpu_peak_flops(bf16)
 
 

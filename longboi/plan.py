@@ -1,14 +1,8 @@
-"""Planning arithmetic: parameter counts, FLOPs per token, and training memory.
-
-FLOPs follow the PaLM appendix (and LLM Foundry's MFU): a training token costs 6 FLOPs per weight
-it multiplies (forward 2, backward 4) plus the attention score/value matmuls, 12 * L * d * T.
-The input embedding is a lookup (no FLOPs); the LM head is a matmul and counts, tied or not.
-"""
+"""Planning arithmetic: training memory per device, time and cost (FLOP counts: longboi.flops)."""
 
 from __future__ import annotations
 
 import difflib
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -19,38 +13,8 @@ import torch
 
 from longboi.config import ModelConfig
 from longboi.errors import UserError
-from longboi.model import MPTForCausalLM, count_params
-
-
-@dataclass(frozen=True)
-class ModelStats:
-    params: int
-    non_embedding_params: int
-    matmul_params: int  # weights used in a matmul per token (includes the LM head)
-    seq_len: int
-    n_layers: int
-    d_model: int
-
-    @property
-    def train_flops_per_token(self) -> int:
-        return 6 * self.matmul_params + 12 * self.n_layers * self.d_model * self.seq_len
-
-
-@functools.lru_cache(maxsize=256)  # planning asks again and again (micro-batch search); configs are frozen
-def model_stats(cfg: ModelConfig, seq_len: int | None = None) -> ModelStats:
-    """Counts for `cfg`, built on the meta device (no memory, even for mpt-30b)."""
-    with torch.device("meta"):
-        model = MPTForCausalLM(cfg)
-    non_emb = count_params(model, non_embedding=True)
-    matrices = sum(p.numel() for p in model.transformer.blocks.parameters() if p.ndim == 2)  # not norms, biases
-    return ModelStats(
-        params=count_params(model),
-        non_embedding_params=non_emb,
-        matmul_params=matrices + cfg.vocab_size * cfg.d_model,
-        seq_len=seq_len or cfg.max_seq_len,
-        n_layers=cfg.n_layers,
-        d_model=cfg.d_model,
-    )
+from longboi.flops import model_stats
+from longboi.hardware import ACCELERATORS, USABLE_MEMORY, Accelerator
 
 
 def memory_table(params: int) -> list[tuple[str, float]]:
@@ -76,36 +40,6 @@ def human(n: float) -> str:
     return f"{n:.0f}"
 
 
-# -- hardware: peak dense bf16 tensor FLOP/s and memory (vendor datasheets; the sparse figures are 2x) ----
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    name: str
-    peak_flops: float  # dense bf16 tensor-core FLOP/s
-    memory_gib: float
-    mfu_table: str | None  # which LLM Foundry table gives its default MFU (None: a proxy, said so)
-    bf16: bool = True  # trains in bf16 autocast (a CPU without native bf16 trains in fp32)
-
-    @property
-    def usable_bytes(self) -> float:
-        return USABLE_MEMORY * self.memory_gib * 2**30
-
-
-ACCELERATORS = {
-    a.name: a
-    for a in (
-        Accelerator("a100-40gb", 312e12, 40, "a100-40gb"),  # NVIDIA A100 datasheet: 312 TFLOPS bf16 (624 sparse)
-        Accelerator("a100-80gb", 312e12, 80, "a100-80gb"),
-        Accelerator("h100", 989.4e12, 80, "h100"),  # H100 SXM: 1,979 TFLOPS bf16 with sparsity
-        Accelerator("h200", 989.4e12, 141, "h100"),  # H200 SXM: H100's compute, 141 GB HBM3e
-        Accelerator("l4", 121e12, 24, None),  # L4: 242 TFLOPS bf16 with sparsity
-        Accelerator("a10", 125e12, 24, None),  # A10: 125 dense, 250 sparse
-        Accelerator("rtx-4090", 165.2e12, 24, None),  # Ada whitepaper: bf16 with fp32 accumulate, dense
-        Accelerator("mi300x", 1307.4e12, 192, None),  # AMD MI300X: 1,307.4 TFLOPS bf16 dense
-    )
-}
-
 # LLM Foundry's published MFU at sequence length 2048, bf16, 8 GPUs (30b: 32 GPUs on A100-40GB; 70b: 64),
 # from mosaicml/llm-foundry scripts/train/benchmarking/README.md (tables last changed 2024-01-06, 5e85bd62).
 LLM_FOUNDRY_MFU = {
@@ -119,7 +53,6 @@ LLM_FOUNDRY_MFU = {
 # and failures take the rest). Llama 3 (arXiv 2407.21783, section 3.3.4): "higher than 90% effective
 # training time" over 54 days with 466 interruptions.
 DEFAULT_GOODPUT = 0.9
-USABLE_MEMORY = 0.9  # of an accelerator's memory: the CUDA context and allocator fragmentation take the rest
 
 
 def accelerator(name: str) -> Accelerator:
@@ -156,7 +89,7 @@ def default_mfu(acc: Accelerator, params: float) -> tuple[float, str]:
 
 def measured_mfu(run_dir: str | Path) -> tuple[float, str]:
     """The median MFU over the second half of a run's logged steps (its own hardware's peak)."""
-    from longboi.train.monitor import read_metrics
+    from longboi.runs import read_metrics
 
     values = [r["mfu"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
     if not values:

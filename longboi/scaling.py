@@ -141,9 +141,9 @@ def read_run(run_dir: str | Path) -> RunPoint:
     """A finished run's FLOPs and final validation loss from its metrics.jsonl."""
     import yaml
 
-    from longboi.plan import model_stats
+    from longboi.flops import model_stats
+    from longboi.runs import read_metrics
     from longboi.train.config import config_from_dict
-    from longboi.train.monitor import read_metrics
 
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():

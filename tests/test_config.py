@@ -4,7 +4,7 @@ import pytest
 
 from longboi.config import PRESETS, ModelConfig, from_dict, from_mpt_dict, preset, to_mpt_dict
 from longboi.errors import UserError
-from longboi.plan import model_stats
+from longboi.flops import model_stats
 
 
 def test_mpt7b_preset_is_the_published_model_and_counts_6_7b_params_on_meta():

@@ -137,3 +137,21 @@ def test_the_auto_precision_switch_overrides_the_machine_and_says_so(cpu_with, m
     monkeypatch.setenv(hw.AUTO_PRECISION_ENV, "fp16")
     with pytest.raises(hw.UserError, match="expected fp32 or bf16"):
         resolve_precision("auto", CPU, quiet=True)
+
+
+def test_one_accelerator_table_names_gpus_as_torch_reports_them():
+    """MFU (by the device name torch reports) and `longboi plan` (by --gpu name) read one table."""
+    from longboi.hardware import ACCELERATORS, accelerator_of
+    from longboi.plan import accelerator
+
+    cases = {
+        "NVIDIA H100 80GB HBM3": "h100",
+        "NVIDIA A100-SXM4-80GB": "a100-80gb",
+        "NVIDIA A100-SXM4-40GB": "a100-40gb",
+        "NVIDIA A10": "a10",  # not the A100, though "A10" is in "A100"
+        "NVIDIA L40S": "l40s",
+        "NVIDIA H200": "h200",
+    }
+    for device_name, name in cases.items():
+        assert accelerator_of(device_name) is ACCELERATORS[name] is accelerator(name), device_name
+    assert accelerator_of("NVIDIA Tesla K80") is None

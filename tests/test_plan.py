@@ -11,7 +11,8 @@ from conftest import small_config
 
 from longboi.cli import main, plan
 from longboi.config import preset
-from longboi.plan import accelerator, model_stats, train_memory
+from longboi.flops import model_stats
+from longboi.plan import accelerator, train_memory
 from longboi.scaling import FITS, fit_power_law, read_run
 
 

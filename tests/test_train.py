@@ -19,6 +19,7 @@ from longboi.errors import UserError
 from longboi.train.config import ScheduleConfig, config_from_dict, load_train_config, parse_duration
 from longboi.train.loop import TrainingStopped, train
 from longboi.train.optim import Lion, lr_multiplier, param_groups
+from longboi.train.validation import validation_loss
 
 SMALL_MODEL = {"preset": "tiny", "d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 32}
 
@@ -399,7 +400,7 @@ import resource, sys, torch
 from longboi.config import preset
 from longboi.model import MPTForCausalLM
 from longboi.train.config import OptimizerConfig
-from longboi.train.loop import find_micro_batch
+from longboi.train.probe import find_micro_batch
 from longboi.train.optim import build_optimizer
 from longboi.train.parallelize import Dist
 model = MPTForCausalLM(preset("tiny").replace(n_layers=2))
@@ -673,5 +674,5 @@ def test_validation_scores_the_same_samples_whatever_the_micro_batch(tmp_path, d
         tok = loop.Tokenizer(cfg.tokenizer)
         model = loop._build_model(cfg, tok, loop.Dist()).eval()
         with torch.no_grad():
-            results.append(loop.validation_loss(model, tok, cfg, loop.Dist(), torch.autocast("cpu", enabled=False)))
+            results.append(validation_loss(model, tok, cfg, loop.Dist(), torch.autocast("cpu", enabled=False)))
     assert results[0] == pytest.approx(results[1], rel=1e-6)

@@ -23,10 +23,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from longboi.checkpoint import publish, save_checkpoint
+from longboi.checkpoint import load_model, publish, save_checkpoint, unwrap
 from longboi.config import from_mpt_dict
+from longboi.lora import load_adapter, merge, save_adapter
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
+from longboi.train.config import TrainConfig
 from longboi.train.parallelize import Dist, barrier
 
 STEP_DIR = re.compile(r"step-(\d{8})")
@@ -124,3 +126,28 @@ def export_weights(train_ckpt: str | Path, out: str | Path, tokenizer: str | Pat
     model.load_state_dict(state["model"])
     tok_path = tokenizer or info.get("tokenizer")
     return save_checkpoint(model, out, Tokenizer(tok_path) if tok_path else None)
+
+
+def export_final(model: torch.nn.Module, out: Path, tok: Tokenizer, d: Dist) -> Path:
+    """Gather full weights to rank 0 and write the foundation checkpoint format there."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if d.is_main:
+        inner = unwrap(model)
+        fresh = MPTForCausalLM(inner.config)
+        fresh.load_state_dict(full)
+        save_checkpoint(fresh, out, tok)
+    barrier(d)
+    return out
+
+
+def export_lora(model: MPTForCausalLM, cfg: TrainConfig, run: Path, tok: Tokenizer, d: Dist) -> Path:
+    """RUN/adapter (the LoRA weights alone) and RUN/final (base + adapter merged, a plain checkpoint)."""
+    if d.is_main:
+        adapter = save_adapter(model, run / "adapter", base=cfg.init_from)
+        base = MPTForCausalLM(cfg.model)
+        base.load_state_dict(load_model(cfg.init_from).state_dict())  # type: ignore[arg-type]
+        save_checkpoint(merge(load_adapter(base, adapter)), run / "final", tok)
+    barrier(d)
+    return run / "final"

@@ -18,28 +18,27 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from longboi.checkpoint import load_model, remove_stale, save_checkpoint, unwrap
+from longboi.checkpoint import load_model, remove_stale
 from longboi.config import to_mpt_dict
 from longboi.data.finetune import IGNORE
 from longboi.data.stream import StreamingDataset, StreamLoader
 from longboi.errors import UserError
-from longboi.generate import SamplingParams, generate
+from longboi.flops import model_stats
 from longboi.hardware import MFU, resolve_precision
-from longboi.lora import add_lora, is_lora, load_adapter, merge, save_adapter
+from longboi.lora import add_lora, is_lora
 from longboi.model import MPTForCausalLM
-from longboi.plan import model_stats
 from longboi.tokenizer import Tokenizer
 from longboi.train import checkpoint as ckpt
 from longboi.train.config import Duration, TrainConfig, parse_duration
 from longboi.train.monitor import Metrics
 from longboi.train.optim import build_optimizer, lr_multiplier, set_lr
 from longboi.train.parallelize import Dist, all_reduce_mean, barrier, init_distributed, parallelize
+from longboi.train.probe import find_micro_batch
+from longboi.train.validation import evaluate, validation_set
 
 
 class TrainingStopped(UserError):
@@ -344,7 +343,7 @@ def _eval_estimate(r: Run, train_tok_s: float) -> float:
     cfg = r.cfg.eval
     val_tokens = 0
     if r.cfg.data is not None and r.cfg.data.val:
-        val, batch, n = _validation_set(r.cfg, r.d)
+        val, batch, n = validation_set(r.cfg, r.d)
         val_tokens = n * batch * val.seq_len
     generated = len(cfg.prompts) * cfg.max_new_tokens
     icl = cfg.icl_time_budget_s if cfg.icl_tasks else 0.0
@@ -378,9 +377,9 @@ def finish(r: Run, loss: float | None, last_eval: dict) -> TrainResult:
         if not newest or newest[0].name != f"step-{r.progress.step:08d}":
             _save(r)
         if is_lora(r.model):
-            final = export_lora(r.model, r.cfg, r.dir, r.tok, r.d)
+            final = ckpt.export_lora(r.model, r.cfg, r.dir, r.tok, r.d)
         else:
-            final = export_final(r.wrapped, r.dir / "final", r.tok, r.d)
+            final = ckpt.export_final(r.wrapped, r.dir / "final", r.tok, r.d)
     r.metrics.close()
     barrier(r.d)
     if r.clock.budget_s is not None and r.d.is_main:
@@ -476,136 +475,6 @@ def _rollback(run: Path, model, optimizer, loader: StreamLoader, progress: Progr
     return iter(loader)
 
 
-@torch.no_grad()
-def evaluate(
-    wrapped, model: MPTForCausalLM, tok: Tokenizer, cfg: TrainConfig, d: Dist, metrics: Metrics, step: int, autocast
-) -> dict:
-    """Validation loss/perplexity/bits per byte on the held-out split, and samples from the fixed prompts."""
-    wrapped.eval()
-    results: dict = {}
-    if cfg.data is not None and cfg.data.val:
-        val_loss, bpb = validation_loss(wrapped, tok, cfg, d, autocast)
-        baseline = unigram_baseline(cfg, tok)
-        results = {
-            "val_loss": val_loss,
-            "val_ppl": math.exp(min(val_loss, 50)),
-            "val_bpb": bpb,
-            "unigram_val_loss": baseline[0],
-            "unigram_val_bpb": baseline[1],
-        }
-        metrics.log("eval", step, **results)
-    if cfg.eval.icl_tasks:  # in-context-learning tasks; every rank runs them (FSDP), rank 0 logs
-        from longboi.eval.harness import evaluate as run_icl
-        from longboi.eval.harness import load_tasks
-
-        with autocast:
-            icl, skipped = run_icl(
-                model,
-                tok,
-                load_tasks(cfg.eval.icl_tasks),
-                cfg.eval.icl_data_root,
-                limit=cfg.eval.icl_limit,
-                time_budget_s=cfg.eval.icl_time_budget_s,
-            )
-        scores = {f"{r.label}/{r.num_fewshot}-shot": r.accuracy for r in icl}
-        metrics.log("icl", step, **scores, seconds=sum(r.seconds for r in icl), skipped=skipped)
-        results.update({f"icl/{k}": v for k, v in scores.items()})
-    if cfg.eval.prompts:  # every rank generates (FSDP needs all of them for each forward); rank 0 logs
-        params = SamplingParams(
-            max_new_tokens=cfg.eval.max_new_tokens,
-            temperature=cfg.eval.temperature,
-            top_k=cfg.eval.top_k,
-            seed=cfg.seed,
-        )
-        with autocast:
-            texts = generate(model, tok, list(cfg.eval.prompts), params)  # FSDP2 shards `model` in place
-        metrics.log("samples", step, samples=dict(zip(cfg.eval.prompts, texts)))
-    wrapped.train()
-    return results
-
-
-def validation_loss(wrapped, tok: Tokenizer, cfg: TrainConfig, d: Dist, autocast) -> tuple[float, float]:
-    """Mean loss per token (nats) and bits per byte (comparable across tokenizers) on the held-out split."""
-    val, batch, n = _validation_set(cfg, d)
-    sums = torch.zeros(3, dtype=torch.float64)  # nats, tokens, bytes
-    for b in StreamLoader(val, batch, batch // d.world_size, d.rank, d.world_size, stop=n * batch):
-        targets = b[:, 1:]
-        with autocast:
-            logits = wrapped(b[:, :-1].to(d.device))
-        nats = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten().to(d.device), reduction="sum")
-        text_bytes = sum(len(tok.decode(row.tolist(), skip_special_tokens=False).encode()) for row in targets)
-        sums += torch.tensor([float(nats), targets.numel(), text_bytes], dtype=torch.float64)
-    sums = all_reduce_mean(sums, d)  # equal shares per rank: the mean of sums keeps the ratios
-    return float(sums[0] / sums[1]), float(sums[0] / math.log(2) / sums[2])
-
-
-VAL_ROWS = 8  # validation rows per batch and rank
-
-
-def _validation_set(cfg: TrainConfig, d: Dist) -> tuple[StreamingDataset, int, int]:
-    """The held-out split, the global batch it is read in, and how many batches are scored."""
-    assert cfg.data is not None and cfg.data.val
-    val = StreamingDataset(cfg.data.val, seed=0, shuffle=False, cache=cfg.data.cache)
-    # A fixed number of rows per batch, not the training micro-batch: which samples are scored (and so
-    # the figure) must not change with the batch size chosen for training.
-    batch = VAL_ROWS * d.world_size
-    return val, batch, min(cfg.eval.val_batches, max(1, len(val) // batch))
-
-
-_UNIGRAM: dict[tuple, tuple[float, float]] = {}
-
-
-def unigram_baseline(cfg: TrainConfig, tok: Tokenizer, max_tokens: int = 50_000_000) -> tuple[float, float]:
-    """Validation loss and bits per byte of a unigram model fit on the training split (add-one smoothed):
-    the floor a language model must clearly beat."""
-    key = (tuple(s.path for s in cfg.data.sources), cfg.data.val)
-    if key not in _UNIGRAM:
-        counts = np.zeros(cfg.model.vocab_size, dtype=np.float64)
-        for source in StreamingDataset(cfg.data.sources, shuffle=False, cache=cfg.data.cache).data:
-            seen = 0
-            for shard in range(len(source.index.shards)):
-                tokens = np.asarray(source.reader(shard).tokens)
-                counts += np.bincount(tokens, minlength=len(counts))[: len(counts)]
-                seen += len(tokens)
-                if seen > max_tokens:
-                    break
-        logp = np.log((counts + 1) / (counts.sum() + tok.vocab_size))
-        val = StreamingDataset(cfg.data.val, shuffle=False, cache=cfg.data.cache).data[0]
-        nats, n_tokens, n_bytes = 0.0, 0, 0
-        for shard in range(len(val.index.shards)):
-            tokens = np.asarray(val.reader(shard).tokens)
-            nats -= float(logp[tokens].sum())
-            n_tokens += len(tokens)
-            n_bytes += len(tok.decode(tokens.tolist(), skip_special_tokens=False).encode())
-        _UNIGRAM[key] = (nats / n_tokens, nats / math.log(2) / n_bytes)
-    return _UNIGRAM[key]
-
-
-def export_final(model: torch.nn.Module, out: Path, tok: Tokenizer, d: Dist) -> Path:
-    """Gather full weights to rank 0 and write the foundation checkpoint format there."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if d.is_main:
-        inner = unwrap(model)
-        fresh = MPTForCausalLM(inner.config)
-        fresh.load_state_dict(full)
-        save_checkpoint(fresh, out, tok)
-    barrier(d)
-    return out
-
-
-def export_lora(model: MPTForCausalLM, cfg: TrainConfig, run: Path, tok: Tokenizer, d: Dist) -> Path:
-    """RUN/adapter (the LoRA weights alone) and RUN/final (base + adapter merged, a plain checkpoint)."""
-    if d.is_main:
-        adapter = save_adapter(model, run / "adapter", base=cfg.init_from)
-        base = MPTForCausalLM(cfg.model)
-        base.load_state_dict(load_model(cfg.init_from).state_dict())  # type: ignore[arg-type]
-        save_checkpoint(merge(load_adapter(base, adapter)), run / "final", tok)
-    barrier(d)
-    return run / "final"
-
-
 def _build_model(cfg: TrainConfig, tok: Tokenizer, d: Dist) -> MPTForCausalLM:
     """Fresh weights (same seed on every rank), or `init_from`'s weights under the run's model config
     (which may differ in training-only fields, e.g. a longer max_seq_len for long-context finetuning)."""
@@ -679,59 +548,3 @@ def _write_run_config(run: Path, cfg: TrainConfig, micro: int, clock: RunClock) 
     resolved = {"micro_batch_size": micro, "total_steps": clock.total, "budget_s": clock.budget_s}
     resolved = dataclasses.asdict(cfg) | {"resolved": resolved}
     (run / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-
-
-def find_micro_batch(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, seq_len: int, per_rank: int, bf16: bool, d: Dist
-) -> int:
-    """The largest divisor of the per-rank batch that fits in memory, tried largest first.
-
-    Probes what will run: the wrapped model (FSDP / DDP, activation checkpointing, compile) through
-    forward, backward and an optimizer step, so the optimizer's state is counted too. The step runs
-    at lr 0 (weights unchanged) and the state it created is dropped, so training starts as if no
-    probe had run.
-    """
-    candidates = [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
-    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
-    vocab = unwrap(model).config.vocab_size
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-    try:
-        for micro in candidates:
-            if _fits(model, optimizer, autocast, vocab, micro, seq_len, d):
-                if d.is_main:
-                    print(f"micro_batch_size: {micro} (largest that fits)", file=sys.stderr)
-                return micro
-    finally:
-        for group, lr in zip(optimizer.param_groups, lrs):
-            group["lr"] = lr
-        optimizer.state.clear()
-    raise UserError(f"even a micro batch of 1 x {seq_len} tokens does not fit in memory")
-
-
-def _fits(model, optimizer, autocast, vocab: int, micro: int, seq_len: int, d: Dist) -> bool:
-    """One probe step at this micro-batch size; every rank must fit."""
-    loss = None
-    try:
-        ids = torch.randint(0, vocab, (micro, seq_len), device=d.device)
-        with autocast:
-            loss = model(ids[:, :-1], labels=ids[:, 1:])
-        loss.backward()
-        optimizer.step()
-        ok = 1.0
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
-        if not _is_oom(e):
-            raise
-        ok = 0.0
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        del loss
-        if d.device.type == "cuda":
-            torch.cuda.empty_cache()  # give a failed size's blocks back before trying the next
-    return float(all_reduce_mean(torch.tensor(ok), d)) == 1.0
-
-
-def _is_oom(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text or "can't allocate" in text

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from longboi.errors import UserError
+from longboi.runs import read_metrics
 
 
 class Metrics:
@@ -56,13 +57,6 @@ class Metrics:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: no metrics.jsonl (is this a longboi run directory?)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
