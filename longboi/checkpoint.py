@@ -195,6 +195,47 @@ def load_state_dict(directory: str | Path, allow_pickle: bool = False) -> dict[s
     return state
 
 
+class WeightReader:
+    """A safetensors checkpoint's tensors read one at a time, or one slice of one.
+
+    safetensors memory-maps its files and reads only the bytes asked for, so a rank holding a shard of
+    the model reads only its own rows: starting a sharded run never needs a full copy of the weights.
+    Names are canonical (wrapper prefixes stripped; a tied model's duplicate head dropped).
+    """
+
+    def __init__(self, directory: str | Path, tied: bool):
+        from safetensors import safe_open
+
+        self.directory, self._open = Path(directory), safe_open
+        single, index = self.directory / "model.safetensors", self.directory / "model.safetensors.index.json"
+        if single.is_file():
+            with safe_open(str(single), "pt") as f:
+                files = dict.fromkeys(f.keys(), single)
+        elif index.is_file():
+            files = {k: self.directory / v for k, v in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            raise UserError(f"{directory}: no model.safetensors (or sharded index): a run starts from safetensors")
+        self._where = {clean_state_dict({raw: 0}).popitem()[0]: (path, raw) for raw, path in files.items()}
+        if tied:
+            self._where.pop("lm_head.weight", None)  # HF saves the tied head too, as the same tensor
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        path, raw = self._where[name]
+        with self._open(str(path), "pt") as f:
+            return tuple(f.get_slice(raw).get_shape())
+
+    def read(self, name: str, offset: tuple[int, ...] | None = None, shape: tuple[int, ...] | None = None):
+        """The whole tensor, or the block of `shape` starting at `offset`."""
+        path, raw = self._where[name]
+        with self._open(str(path), "pt") as f:
+            if offset is None or shape is None:
+                return f.get_tensor(raw)
+            return f.get_slice(raw)[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
 def load_model(
     directory: str | Path,
     allow_pickle: bool = False,

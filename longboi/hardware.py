@@ -57,7 +57,6 @@ ACCELERATORS = {
         Accelerator("a6000", 155e12, 48, None, device_names=("A6000",)),  # RTX A6000: 309.7 with sparsity
         Accelerator("rtx-3090", 71e12, 24, None, device_names=("RTX 3090",)),
         Accelerator("rtx-4090", 165.2e12, 24, None, device_names=("RTX 4090",)),  # Ada: bf16, fp32 accumulate
-        Accelerator("v100", 125e12, 32, None, bf16=False, device_names=("V100",)),  # fp16 tensor cores; no bf16
         Accelerator("mi300x", 1307.4e12, 192, None, device_names=("MI300X",)),  # AMD MI300X: bf16 dense
     )
 }

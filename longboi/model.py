@@ -628,7 +628,7 @@ class MPTForCausalLM(nn.Module):
         # Inference may swap the head's matmul for another module (int8 weights: longboi.quantize);
         # None computes it from head_weight, which training always does.
         self.head_proj: nn.Module | None = None
-        self.apply(self._init_module)
+        self.apply(self.init_module)
 
     def forward(
         self,
@@ -684,8 +684,9 @@ class MPTForCausalLM(nn.Module):
         """An empty KV cache; give the final length (prompt + new tokens) when known."""
         return KVCache(self.config.n_layers, capacity)
 
-    def _init_module(self, module: nn.Module) -> None:
-        """MPT's init: kaiming-normal (fan_in) or normal weights, residual projections scaled down."""
+    def init_module(self, module: nn.Module) -> None:
+        """MPT's init: kaiming-normal (fan_in) or normal weights, residual projections scaled down. Public: a
+        sharded start applies it to full-size stand-ins of each module's weights (train/parallelize.py)."""
         cfg = self.config
         if isinstance(module, nn.Linear):
             self._init_weight(module.weight, cfg.init_std)

@@ -101,7 +101,9 @@ def measured_mfu(run_dir: str | Path) -> tuple[float, str]:
 class Memory:
     """Bytes per device for one training step."""
 
-    state: float  # fp32 master weights, gradients and optimizer states (sharded across devices by FSDP)
+    # fp32 master weights, gradients and optimizer states, sharded across devices by FSDP; gradients stay
+    # sharded under accumulation too (the trainer reduce-scatters every micro-batch)
+    state: float
     gathered: float  # working bf16 copies: FSDP's two unsharded blocks + embedding, or autocast's cast weights
     activations: float  # kept for the backward pass
     logits: float  # the chunked LM-head loss: a chunk's fp32 logits and their gradient + head-gradient buffers

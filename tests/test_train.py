@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -672,7 +673,45 @@ def test_validation_scores_the_same_samples_whatever_the_micro_batch(tmp_path, d
     for micro in (1, 4):
         cfg = config_from_dict(run_config(data, tmp_path / f"m{micro}", micro_batch_size=micro), "x")
         tok = loop.Tokenizer(cfg.tokenizer)
-        model = loop._build_model(cfg, tok, loop.Dist()).eval()
+        model = loop._start_model(cfg, tok, loop.Dist(), bf16=False)[0].eval()
         with torch.no_grad():
             results.append(validation_loss(model, tok, cfg, loop.Dist(), torch.autocast("cpu", enabled=False)))
     assert results[0] == pytest.approx(results[1], rel=1e-6)
+
+
+def test_init_from_weights_that_do_not_fit_the_run_name_the_key_and_shapes(tmp_path, data, capsys):
+    from conftest import build
+
+    from longboi.checkpoint import save_checkpoint
+
+    cfg = run_config(data, tmp_path / "run", init_from=str(tmp_path / "base"))
+    wider = config_from_dict({**cfg, "model": {**SMALL_MODEL, "d_model": 128}}, "x").model
+    save_checkpoint(build(wider), tmp_path / "base", None)
+    assert main(["train", str(write_config(tmp_path, cfg))]) == 2
+    err = capsys.readouterr().err
+    assert f"init_from {tmp_path / 'base'}: transformer.wte.weight has shape [50432, 128]" in err, err
+    assert "needs [50432, 64]" in err and "Traceback" not in err
+    (tmp_path / "base" / "model.safetensors").unlink()
+    assert main(["train", str(write_config(tmp_path, cfg))]) == 2
+    assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_sigusr1_checkpoints_and_stops_then_the_same_command_resumes(tmp_path, data):
+    """What a scheduler's warning before a time limit asks of a run: finish the step, checkpoint, stop."""
+    cfg = write_config(tmp_path, run_config(data, tmp_path / "run", max_duration="400ba", **{"eval.every": "0ba"}))
+    cmd = [sys.executable, "-m", "longboi", "train", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "checkpoints" / "step-00000004").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = re.search(r"stopped on request at step (\d+), checkpoint saved", err)
+    assert stopped, err[-3000:]
+    step = int(stopped.group(1))
+    assert 4 <= step < 400 and (tmp_path / "run" / "checkpoints" / f"step-{step:08d}").is_dir()
+    assert not (tmp_path / "run" / "final").exists()
+    assert main(["train", str(cfg), "--max_duration", f"{step + 2}ba"]) == 0
+    assert_resumed(tmp_path / "run", from_at_least=step)

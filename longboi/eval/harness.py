@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -106,19 +107,26 @@ def evaluate(
     max_seq_len: int | None = None,
     limit: int | None = None,
     time_budget_s: float | None = None,
+    anyone: Callable[[bool], bool] = bool,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> tuple[list[TaskResult], list[str]]:
-    """Run every (task, num_fewshot); returns results and what was skipped (missing file, time budget)."""
+    """Run every (task, num_fewshot); returns results and what was skipped (missing file, time budget).
+
+    Under FSDP every rank runs this together (each forward all-gathers weights), so a task must be run
+    or skipped on all of them: `anyone(flag)` is True on every rank when it is True on any (training
+    passes a collective), whatever each rank's clock or filesystem says.
+    """
     model.eval()
     seq_len = max_seq_len or model.config.max_seq_len
     results, skipped = [], []
-    begin = time.perf_counter()
+    begin = clock()
     for cfg in tasks:
-        if time_budget_s is not None and time.perf_counter() - begin > time_budget_s:
+        if anyone(time_budget_s is not None and clock() - begin > time_budget_s):
             skipped.append(f"{cfg.label} (time budget {time_budget_s:.0f}s spent)")
             continue
         path = Path(data_root) / cfg.dataset_uri
-        if not path.is_file():
-            skipped.append(f"{cfg.label} ({path} not found)")
+        if anyone(not path.is_file()):
+            skipped.append(f"{cfg.label} ({path} not found{'' if path.is_file() else ' on some rank'})")
             continue
         rows = read_rows(path, cfg.kind)[:limit]
         partitions = _partitions(rows, cfg, path)

@@ -12,8 +12,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
+import signal
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from longboi.checkpoint import load_model, remove_stale
+from longboi.checkpoint import remove_stale
 from longboi.config import to_mpt_dict
 from longboi.data.finetune import IGNORE
 from longboi.data.stream import StreamingDataset, StreamLoader
@@ -36,7 +39,16 @@ from longboi.train import checkpoint as ckpt
 from longboi.train.config import Duration, TrainConfig, parse_duration
 from longboi.train.monitor import Metrics
 from longboi.train.optim import build_optimizer, lr_multiplier, set_lr
-from longboi.train.parallelize import Dist, all_reduce_mean, barrier, init_distributed, parallelize
+from longboi.train.parallelize import (
+    Dist,
+    all_reduce_mean,
+    anyone,
+    barrier,
+    from_rank0,
+    init_distributed,
+    materialize,
+    parallelize,
+)
 from longboi.train.probe import find_micro_batch
 from longboi.train.validation import evaluate, validation_set
 
@@ -149,13 +161,52 @@ class Run:
     autocast: contextlib.AbstractContextManager
     flops_per_token: int
     save_s: float | None = None  # how long the last checkpoint took
+    stopped: bool = False  # a stop was requested (SIGUSR1 or LONGBOI_STOP_FILE): checkpointed, not finished
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training described by `cfg`."""
     r = setup(cfg)
-    loss, last_eval = run_loop(r)
+    with StopRequest() as stop:
+        loss, last_eval = run_loop(r, stop)
+    if r.stopped:
+        return _stopped(r, loss, last_eval)
     return finish(r, loss, last_eval)
+
+
+STOP_FILE_ENV = "LONGBOI_STOP_FILE"
+
+
+class StopRequest:
+    """Has anyone asked this run to stop early (a scheduler's warning before the time limit)?
+
+    Two ways, for any launcher: SIGUSR1 to a training process, or the file named by LONGBOI_STOP_FILE
+    appearing (launch/slurm/train.sbatch touches it when Slurm warns; a file reaches every node's
+    ranks through the shared filesystem where a signal to the batch script reaches none). The run
+    then checkpoints after its current step and ends, so a requeued job resumes there.
+    """
+
+    def __init__(self):
+        self.signalled = False
+        self.file = os.environ.get(STOP_FILE_ENV)
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread
+            self._previous = signal.signal(signal.SIGUSR1, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGUSR1, self._previous)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = True
+
+    def __call__(self, d: Dist) -> bool:
+        """True on every rank once any rank was asked."""
+        asked = self.signalled or bool(self.file and os.path.exists(self.file))
+        return anyone(asked, d)
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -166,13 +217,8 @@ def setup(cfg: TrainConfig) -> Run:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     cfg = dataclasses.replace(cfg, precision=choice.precision)
     run, tok = Path(cfg.run_dir), Tokenizer(cfg.tokenizer)
-    model = _build_model(cfg, tok, d)
-    if cfg.lora is not None:
-        if d.enabled and cfg.parallel == "fsdp":
-            raise UserError("LoRA is not supported with FSDP here (untested with peft); set parallel: ddp")
-        model = add_lora(model, cfg.lora)
+    model, wrapped = _start_model(cfg, tok, d, choice.bf16)
     data = _training_data(cfg, tok, d)
-    wrapped = parallelize(model, d, cfg.parallel, choice.bf16, cfg.activation_checkpointing, cfg.compile)
     optimizer = build_optimizer(wrapped, cfg.optimizer)
     per_rank = cfg.global_batch_size // d.world_size
     micro = cfg.micro_batch_size or find_micro_batch(wrapped, optimizer, data.seq_len, per_rank, choice.bf16, d)
@@ -215,24 +261,24 @@ def _resume(
             print(f"note: removed {stale}, left by a save that was interrupted", file=sys.stderr)
     barrier(d)
     torch.manual_seed(cfg.seed + d.rank)  # dropout masks differ per rank; a resume restores the saved RNG
-    latest = ckpt.checkpoints(run)[-1:] if cfg.checkpoint.autoresume else []
-    if latest:
-        saved = ckpt.load(latest[0], wrapped, optimizer, d)
+    latest = newest_checkpoint(run, d) if cfg.checkpoint.autoresume else None
+    if latest is not None:
+        saved = ckpt.load(latest, wrapped, optimizer, d)
         progress = Progress(**saved["progress"])
         try:
             loader.load_state_dict(saved.get("data") or {**loader.state_dict(), "consumed": progress.consumed})
         except UserError as e:
             raise UserError(
-                f"{latest[0]}: {e}. To start fresh with this data, use a new run_dir, delete {run / 'checkpoints'}, "
+                f"{latest}: {e}. To start fresh with this data, use a new run_dir, delete {run / 'checkpoints'}, "
                 "or set checkpoint.autoresume: false"
             ) from e
-        return progress, latest[0]
+        return progress, latest
     if ckpt.checkpoints(run) and d.is_main:
         print(f"note: autoresume is off; {run} has checkpoints, starting from step 0 anyway", file=sys.stderr)
     return Progress(), None
 
 
-def run_loop(r: Run) -> tuple[float | None, dict]:
+def run_loop(r: Run, stop: StopRequest | None = None) -> tuple[float | None, dict]:
     """The training loop, top to bottom. Returns the last loss and the last evaluation's metrics."""
     cfg, d, progress, clock = r.cfg, r.d, r.progress, r.clock
     bar = _progress_bar(r)
@@ -242,14 +288,17 @@ def run_loop(r: Run) -> tuple[float | None, dict]:
     has_eval = _has_eval(cfg)
     finished = clock.finished(progress.step, 0.0, d)
     while not finished:
+        if stop is not None and stop(d):
+            r.stopped = True
+            break
         lr = set_lr(r.optimizer, cfg.optimizer.lr, clock.lr_multiplier(progress.step, cfg.schedule))
         start = time.perf_counter()
         loss, grad_norm = train_step(
             r.wrapped, r.optimizer, batches, r.loader.accum_steps, r.autocast, cfg.grad_clip, d
         )
         event = spike_event(loss, grad_norm, progress.losses, cfg)
-        if event is not None:
-            batches = _defend(r, event, loss, grad_norm, batches)
+        if anyone(event is not None, d):  # the same decision on every rank (their losses agree; be sure)
+            batches = _defend(r, event or "a spike seen by another rank", loss, grad_norm, batches)
             finished = clock.finished(progress.step, time.perf_counter() - start, d)
             continue
         r.optimizer.step()
@@ -303,7 +352,7 @@ def _defend(r: Run, event: str, loss: float, grad_norm: float, batches):
         )
     r.optimizer.zero_grad(set_to_none=True)
     progress.consumed = r.loader.consumed  # the offending batch is skipped either way
-    if cfg.spike.action == "rollback" and ckpt.checkpoints(r.dir):
+    if cfg.spike.action == "rollback" and newest_checkpoint(r.dir, r.d) is not None:
         return _rollback(r.dir, r.wrapped, r.optimizer, r.loader, progress, r.d, r.metrics)
     return batches
 
@@ -391,6 +440,23 @@ def finish(r: Run, loss: float | None, last_eval: dict) -> TrainResult:
     return TrainResult(r.dir, final, r.progress.step, last_eval.get("val_loss"), loss, last_eval, r.clock.elapsed())
 
 
+def _stopped(r: Run, loss: float | None, last_eval: dict) -> TrainResult:
+    """A requested stop: checkpoint where the run is (unless that step is saved), and say how it resumes."""
+    newest = ckpt.checkpoints(r.dir)[-1:]
+    if r.progress.step > 0 and (not newest or newest[0].name != f"step-{r.progress.step:08d}"):
+        _save(r)
+    r.metrics.log("stop", r.progress.step, reason="stop requested (SIGUSR1 or LONGBOI_STOP_FILE)")
+    r.metrics.close()
+    barrier(r.d)
+    if r.d.is_main:
+        print(
+            f"stopped on request at step {r.progress.step}, checkpoint saved; run the same command again to "
+            "resume (a requeued Slurm job does so by itself)",
+            file=sys.stderr,
+        )
+    return TrainResult(r.dir, None, r.progress.step, last_eval.get("val_loss"), loss, last_eval, r.clock.elapsed())
+
+
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -434,18 +500,14 @@ def _micro_batch(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 @contextlib.contextmanager
 def _no_sync(model: torch.nn.Module, last: bool):
-    """Skip the gradient all-reduce on all but the last micro-batch (DDP and FSDP2)."""
-    if last:
-        yield
-    elif hasattr(model, "no_sync"):  # DDP
+    """DDP: skip the gradient all-reduce on all but the last micro-batch (its gradients are full-size
+    anyway). FSDP2 reduce-scatters every micro-batch instead: skipping it (set_requires_gradient_sync)
+    would keep full, unsharded fp32 gradients alive until the last micro-batch, +4 bytes per parameter
+    on every device (26.6 GB for mpt-7b), which neither `longboi plan` nor the micro-batch probe (one
+    micro-batch) would see. Sharded gradients keep both truthful; the reduce-scatter overlaps backward."""
+    if not last and hasattr(model, "no_sync"):  # DDP
         with model.no_sync():
             yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
     else:
         yield
 
@@ -463,9 +525,26 @@ def spike_event(loss: float, grad_norm: float, window: list[float], cfg: TrainCo
     return None
 
 
+def newest_checkpoint(run: Path, d: Dist) -> Path | None:
+    """The newest complete checkpoint as rank 0 sees it, the same on every rank. A rank that cannot see it
+    (run_dir on a node-local disk) stops every rank with the reason, instead of loading something else."""
+    newest = ckpt.checkpoints(run)[-1:]
+    chosen = from_rank0(newest[0].name if newest else None, d)
+    if chosen is None:
+        return None
+    path = run / "checkpoints" / chosen
+    if anyone(not (path / "train_state.json").is_file(), d):
+        raise UserError(
+            f"{path}: rank 0 resumes from this checkpoint but another rank cannot see it; run_dir must be on "
+            "storage every node shares (a shared filesystem)"
+        )
+    return path
+
+
 def _rollback(run: Path, model, optimizer, loader: StreamLoader, progress: Progress, d: Dist, metrics) -> object:
     """Restore the newest checkpoint but keep the data position past the offending batch."""
-    latest = ckpt.checkpoints(run)[-1]
+    latest = newest_checkpoint(run, d)
+    assert latest is not None
     skip_to, events = progress.consumed, progress.events
     saved = Progress(**ckpt.load(latest, model, optimizer, d)["progress"])
     progress.__dict__.update(saved.__dict__)
@@ -475,22 +554,28 @@ def _rollback(run: Path, model, optimizer, loader: StreamLoader, progress: Progr
     return iter(loader)
 
 
-def _build_model(cfg: TrainConfig, tok: Tokenizer, d: Dist) -> MPTForCausalLM:
-    """Fresh weights (same seed on every rank), or `init_from`'s weights under the run's model config
-    (which may differ in training-only fields, e.g. a longer max_seq_len for long-context finetuning)."""
+def _start_model(cfg: TrainConfig, tok: Tokenizer, d: Dist, bf16: bool) -> tuple[MPTForCausalLM, torch.nn.Module]:
+    """The bare model and what trains (torchtitan's order): built on the meta device, then sharded
+    (FSDP) before any rank allocates its slice, or given full weights first (one process, DDP, LoRA).
+
+    Weights: `init_from`'s under the run's model config (which may differ in training-only fields,
+    e.g. a longer max_seq_len for long-context finetuning), or a fresh init from `cfg.seed` that is
+    the same whatever the world size.
+    """
     tok.check_fits(cfg.model.vocab_size)
-    torch.manual_seed(cfg.seed)
-    model = MPTForCausalLM(cfg.model)
-    if cfg.init_from:
-        source = load_model(cfg.init_from)
-        try:
-            model.load_state_dict(source.state_dict())
-        except RuntimeError as e:
-            raise UserError(
-                f"init_from {cfg.init_from}: its weights do not fit the run's model config: "
-                f"{str(e).splitlines()[1] if len(str(e).splitlines()) > 1 else e}"
-            ) from e
-    return model.to(d.device).train()
+    with torch.device("meta"):
+        model = MPTForCausalLM(cfg.model)
+    sharded = d.enabled and cfg.parallel == "fsdp"
+    if not sharded:
+        materialize(model, d.device, cfg.seed, cfg.init_from)
+    if cfg.lora is not None:
+        if sharded:
+            raise UserError("LoRA is not supported with FSDP here (untested with peft); set parallel: ddp")
+        model = add_lora(model, cfg.lora)
+    wrapped = parallelize(model, d, cfg.parallel, bf16, cfg.activation_checkpointing, cfg.compile)
+    if sharded:
+        materialize(model, d.device, cfg.seed, cfg.init_from)
+    return model, wrapped
 
 
 def _training_data(cfg: TrainConfig, tok: Tokenizer, d: Dist):

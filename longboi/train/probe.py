@@ -19,7 +19,8 @@ def find_micro_batch(
     Probes what will run: the wrapped model (FSDP / DDP, activation checkpointing, compile) through
     forward, backward and an optimizer step, so the optimizer's state is counted too. The step runs
     at lr 0 (weights unchanged) and the state it created is dropped, so training starts as if no
-    probe had run.
+    probe had run. One micro-batch stands for many: under FSDP the trainer reduce-scatters every
+    micro-batch's gradients (train/loop.py `_no_sync`), so accumulation adds no memory the probe misses.
     """
     candidates = [m for m in range(per_rank, 0, -1) if per_rank % m == 0]
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16)
