@@ -1,0 +1,181 @@
+"""Beyond one machine's launcher, for real: two torchrun agents rendezvousing over loopback (c10d), an
+elastic restart after a SIGKILLed worker, and launch/slurm/train.sbatch on a real one-node Slurm."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_distributed import process_tree, write
+from test_train import run_config, train_losses
+
+from longboi.cli import main
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
+KNOBS = {"global_batch_size": 8, "micro_batch_size": 2, "checkpoint.every": "2ba", "eval.every": "0ba"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agents(config: Path, nodes: int = 2, max_restarts: int = 0) -> list[subprocess.Popen]:
+    """`nodes` torchrun agents, one worker each, meeting at a c10d rendezvous on loopback: a multi-node
+    launch, each agent standing for one machine."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc-per-node=1"]
+    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test", f"--max-restarts={max_restarts}"]
+    cmd += ["-m", "longboi", "train", str(config)]
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see init_distributed: a fresh store per round
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True, "env": env}
+    return [subprocess.Popen(cmd, **popen) for _ in range(nodes)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 600) -> None:
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+
+
+def final_weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not (a[k].dtype == b[k].dtype and a[k].equal(b[k]))]
+    assert not different, different[:5]
+
+
+def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert all(p.poll() is None for p in procs) and time.time() < deadline, f"no {path} while running"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, data) -> Path:
+    """An uninterrupted FSDP run over two agents (the reference for the elastic test)."""
+    tmp = tmp_path_factory.mktemp("two-nodes")
+    cfg = run_config(data, tmp / "run", parallel="fsdp", max_duration="8ba", **KNOBS)
+    finish(agents(write(tmp, "two", cfg)))
+    return tmp / "run"
+
+
+def test_two_agents_on_loopback_train_as_one_process_at_the_same_global_batch(tmp_path, data, two_nodes):
+    cfg = run_config(data, tmp_path / "one", max_duration="8ba", **KNOBS)
+    assert main(["train", str(write(tmp_path, "one", cfg))]) == 0
+    one, two = train_losses(tmp_path / "one"), train_losses(two_nodes)
+    assert one.keys() == two.keys() == set(range(1, 9))
+    assert all(abs(one[k] - two[k]) < 1e-4 * max(1.0, abs(one[k])) for k in one), (one, two)
+
+
+def test_a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identical(tmp_path, data, two_nodes):
+    """Elastic: `--max-restarts 2`; one agent's worker is SIGKILLed mid-run. Both agents restart their
+    workers, which resume from the newest checkpoint with no human, and the final weights equal the
+    uninterrupted run's bit for bit."""
+    cfg = run_config(data, tmp_path / "run", parallel="fsdp", max_duration="8ba", **KNOBS)
+    procs = agents(write(tmp_path, "elastic", cfg), max_restarts=2)
+    wait_for(tmp_path / "run" / "checkpoints" / "step-00000004", procs)
+    worker = process_tree(procs[1].pid)[1:]  # the agent's worker (and anything it started)
+    assert worker, "the agent has no worker"
+    os.kill(worker[0], signal.SIGKILL)
+    finish(procs)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"kind": "resume"' in rows
+    assert_bit_identical(final_weights(tmp_path / "run"), final_weights(two_nodes))
+
+
+# -- Slurm ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from slurm_cluster import Cluster, why_not
+
+    reason = why_not()
+    if reason:
+        pytest.skip(reason)
+    cluster = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def wait_state(slurm, job: str, states: set[str], timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while (state := slurm.state(job)) not in states:
+        assert time.time() < deadline, f"job {job} is {state}, waited for {states}"
+        time.sleep(0.2)
+    return state
+
+
+def newest_step(run_dir: Path) -> int:
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step-*")]
+    return max(steps, default=0)
+
+
+def wait_step(slurm, job: str, run_dir: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while newest_step(run_dir) < step:
+        assert slurm.state(job) in ("PENDING", "RUNNING", "CONFIGURING"), slurm.state(job)
+        assert time.time() < deadline, f"no checkpoint {step} in time"
+        time.sleep(0.05)
+
+
+def test_sbatch_trains_and_survives_a_time_limit_warning_and_a_requeue_bit_identical(tmp_path, data, slurm):
+    """`sbatch launch/slurm/train.sbatch CONFIG` on a real one-node Slurm. Mid-run, the warning Slurm
+    sends before a time limit (USR1 to the batch script): the run checkpoints, stops, and the job
+    requeues itself. Later, `scontrol requeue` (what a node failure does) kills the job mid-run. Each
+    time it comes back, resumes from the newest checkpoint by itself, and the final weights equal an
+    uninterrupted run's bit for bit."""
+    knobs = {**KNOBS, "global_batch_size": 4, "checkpoint.every": "4ba", "eval.every": "1ba"}
+    knobs |= {"eval.prompts": ["ROMEO:"], "eval.max_new_tokens": 8}  # slower steps: time to act mid-run
+    steps = 48
+    cfg = write(tmp_path, "run", run_config(data, tmp_path / "run", max_duration=f"{steps}ba", **knobs))
+    reference = write(tmp_path, "ref", run_config(data, tmp_path / "ref", max_duration=f"{steps}ba", **knobs))
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env["LONGBOI_RDZV_PORT"] = str(free_port())
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path}/job.out", str(SBATCH), str(cfg)],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    run = tmp_path / "run"
+
+    wait_step(slurm, job, run, 8)
+    slurm.run("scancel", "--batch", "--signal=USR1", job, check=True)  # the time-limit warning
+    wait_state(slurm, job, {"PENDING"})  # requeued by the script; starts again once its old credential expires
+    first_stop = newest_step(run)
+    assert 8 <= first_stop < steps
+
+    wait_step(slurm, job, run, first_stop + 8)
+    slurm.run("scontrol", "requeue", job, check=True)  # killed mid-run, as when a node fails
+    wait_state(slurm, job, {"PENDING"})
+    assert wait_state(slurm, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}) == "COMPLETED", (
+        tmp_path / "job.out"
+    ).read_text()[-3000:]
+
+    out = (tmp_path / "job.out").read_text()
+    assert "USR1 received" in out and "requeueing job" in out and "training finished" in out, out[-3000:]
+    rows = (run / "metrics.jsonl").read_text()
+    assert rows.count('"kind": "resume"') == 2 and '"kind": "stop"' in rows
+    assert sorted(train_losses(run)) == list(range(1, steps + 1))
+    ref = subprocess.run(  # the same launcher, uninterrupted (torchrun's one thread per worker included)
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m", "longboi", "train",
+         str(reference)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert_bit_identical(final_weights(run), final_weights(tmp_path / "ref"))
