@@ -26,18 +26,14 @@ from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-# Wrapper prefixes that torch.compile, DDP and FSDP add to parameter names.
-WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+# Name parts that torch.compile, DDP, FSDP and activation checkpointing add to parameter names.
+WRAPPER_PARTS = frozenset({"_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"})
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Canonical MPT names: strip compile/DDP/FSDP wrapper prefixes wherever they appear."""
-    out = {}
-    for name, tensor in state.items():
-        for prefix in WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
-        out[name] = tensor
-    return out
+    """Canonical MPT names: wrapper parts dropped wherever they appear (whole dotted parts: a substring
+    replace of "module." would also eat the end of "_checkpoint_wrapped_module.")."""
+    return {".".join(p for p in name.split(".") if p not in WRAPPER_PARTS): t for name, t in state.items()}
 
 
 def unwrap(model: torch.nn.Module) -> MPTForCausalLM:
@@ -200,10 +196,12 @@ class WeightReader:
 
     safetensors memory-maps its files and reads only the bytes asked for, so a rank holding a shard of
     the model reads only its own rows: starting a sharded run never needs a full copy of the weights.
-    Names are canonical (wrapper prefixes stripped; a tied model's duplicate head dropped).
+    Names are canonical (wrapper prefixes stripped; the duplicate head of a checkpoint whose config.json
+    says tied dropped). An empty block (a rank with no rows of a weight) must not be asked for:
+    safetensors refuses a slice that starts at the end.
     """
 
-    def __init__(self, directory: str | Path, tied: bool):
+    def __init__(self, directory: str | Path):
         from safetensors import safe_open
 
         self.directory, self._open = Path(directory), safe_open
@@ -216,7 +214,8 @@ class WeightReader:
         else:
             raise UserError(f"{directory}: no model.safetensors (or sharded index): a run starts from safetensors")
         self._where = {clean_state_dict({raw: 0}).popitem()[0]: (path, raw) for raw, path in files.items()}
-        if tied:
+        self.config = load_config(directory)
+        if self.config.tie_word_embeddings:
             self._where.pop("lm_head.weight", None)  # HF saves the tied head too, as the same tensor
 
     def names(self) -> set[str]:

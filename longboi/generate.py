@@ -193,12 +193,14 @@ def generate_ids(
     valid_vocab: int | None = None,
     pad_id: int = 0,
     use_cache: bool = True,
+    together: Callable[[bool], bool] = bool,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) next-token ids, one step at a time, until every row hit EOS or max_new_tokens.
 
     valid_vocab: ids at or above it (the padded part of the vocab) are never sampled. A row that
     has finished keeps receiving `eos_id`; callers ignore it. use_cache=False recomputes the whole
-    sequence each step (the reference the cached path is tested against).
+    sequence each step (the reference the cached path is tested against). together: makes the
+    early-stop decision the same on every rank when the model is sharded (each forward is a collective).
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -223,7 +225,7 @@ def generate_ids(
             token = torch.where(done, torch.full_like(token, eos_id), token)
             done |= token == eos_id
         yield token
-        if bool(done.all()) or step == params.max_new_tokens - 1:  # no forward for a token never sampled
+        if together(bool(done.all())) or step == params.max_new_tokens - 1:  # no forward for a token never sampled
             return
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
@@ -308,25 +310,36 @@ def stream(model: MPTForCausalLM, tokenizer: Tokenizer, prompt: str, params: Sam
         yield tail
 
 
-def generate(model: MPTForCausalLM, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams) -> list[str]:
-    """Completions for a batch of prompts (any lengths), in order."""
-    return generate_from_ids(model, tokenizer, tokenizer.encode_batch(prompts), params)
+def generate(
+    model: MPTForCausalLM,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    params: SamplingParams,
+    together: Callable[[bool], bool] = bool,
+) -> list[str]:
+    """Completions for a batch of prompts (any lengths), in order. together: see generate_ids."""
+    return generate_from_ids(model, tokenizer, tokenizer.encode_batch(prompts), params, together)
 
 
 def generate_from_ids(
-    model: MPTForCausalLM, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams
+    model: MPTForCausalLM,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    together: Callable[[bool], bool] = bool,
 ) -> list[str]:
     """Completions (text) of already-tokenized prompts, e.g. left-truncated ones, in order."""
     rows = [_RowText(tokenizer, params.stop) for _ in prompts]
     ended = [False] * len(prompts)
-    for tokens in generate_ids(model, prompts, params, tokenizer.eos_id, tokenizer.vocab_size, tokenizer.pad_id):
+    eos, vocab, pad = tokenizer.eos_id, tokenizer.vocab_size, tokenizer.pad_id
+    for tokens in generate_ids(model, prompts, params, eos, vocab, pad, together=together):
         for i, token in enumerate(tokens.tolist()):
             if ended[i] or token == tokenizer.eos_id:
                 ended[i] = True
                 continue
             rows[i].push(token)
             ended[i] = rows[i].done
-        if all(ended):
+        if together(all(ended)):
             break
     for row in rows:
         row.finish()

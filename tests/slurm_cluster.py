@@ -107,7 +107,8 @@ class Cluster:
         for d in ("/etc/munge", "/run/munge", "/var/log/munge", "/var/lib/munge"):
             Path(d).mkdir(parents=True, exist_ok=True)
             subprocess.run(["chown", "-R", "munge:munge", d], check=True)
-        if subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0:
+        self.started_munge = subprocess.run(["pgrep", "-x", "munged"], capture_output=True).returncode != 0
+        if self.started_munge:
             subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True)
 
     def run(self, *cmd: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -128,6 +129,8 @@ class Cluster:
                     os.kill(int(pid_file.read_text()), signal.SIGTERM)
                 except (ProcessLookupError, ValueError):
                     pass
+        if getattr(self, "started_munge", False):
+            subprocess.run(["pkill", "-x", "munged"], capture_output=True)
 
 
 def _free_ports(n: int) -> list[int]:

@@ -57,6 +57,18 @@ def assert_bit_identical(a: dict, b: dict) -> None:
     assert not different, different[:5]
 
 
+def kill_tree(pid: int) -> None:
+    try:
+        pids = process_tree(pid)
+    except FileNotFoundError:  # already gone
+        return
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def wait_for(path: Path, procs: list[subprocess.Popen], timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not path.exists():
@@ -87,11 +99,16 @@ def test_a_killed_worker_restarts_from_the_newest_checkpoint_and_ends_bit_identi
     uninterrupted run's bit for bit."""
     cfg = run_config(data, tmp_path / "run", parallel="fsdp", max_duration="8ba", **KNOBS)
     procs = agents(write(tmp_path, "elastic", cfg), max_restarts=2)
-    wait_for(tmp_path / "run" / "checkpoints" / "step-00000004", procs)
-    worker = process_tree(procs[1].pid)[1:]  # the agent's worker (and anything it started)
-    assert worker, "the agent has no worker"
-    os.kill(worker[0], signal.SIGKILL)
-    finish(procs)
+    try:
+        wait_for(tmp_path / "run" / "checkpoints" / "step-00000004", procs)
+        worker = process_tree(procs[1].pid)[1:]  # the agent's worker (and anything it started)
+        assert worker, "the agent has no worker"
+        os.kill(worker[0], signal.SIGKILL)
+        finish(procs)
+    finally:  # a failed wait must not leave agents running
+        for p in procs:
+            if p.poll() is None:
+                kill_tree(p.pid)
     rows = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert '"kind": "resume"' in rows
     assert_bit_identical(final_weights(tmp_path / "run"), final_weights(two_nodes))

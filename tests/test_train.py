@@ -691,21 +691,33 @@ def test_init_from_weights_that_do_not_fit_the_run_name_the_key_and_shapes(tmp_p
     err = capsys.readouterr().err
     assert f"init_from {tmp_path / 'base'}: transformer.wte.weight has shape [50432, 128]" in err, err
     assert "needs [50432, 64]" in err and "Traceback" not in err
+    untied = config_from_dict({**cfg, "model": {**SMALL_MODEL, "tie_word_embeddings": False}}, "x").model
+    save_checkpoint(build(untied), tmp_path / "base", None)  # a trained head the tied run has no place for
+    assert main(["train", str(write_config(tmp_path, cfg))]) == 2
+    assert "unexpected ['lm_head.weight']" in capsys.readouterr().err
     (tmp_path / "base" / "model.safetensors").unlink()
     assert main(["train", str(write_config(tmp_path, cfg))]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
 
 
-def test_sigusr1_checkpoints_and_stops_then_the_same_command_resumes(tmp_path, data):
-    """What a scheduler's warning before a time limit asks of a run: finish the step, checkpoint, stop."""
+@pytest.mark.parametrize("how", ["signal", "file"])
+def test_a_stop_request_checkpoints_and_stops_then_the_same_command_resumes(tmp_path, data, how):
+    """What a scheduler's warning before a time limit asks of a run (SIGUSR1 to a training process, or
+    the file LONGBOI_STOP_FILE names appearing): finish the step, checkpoint, stop. The request is
+    consumed, so the same command then resumes instead of stopping again."""
     cfg = write_config(tmp_path, run_config(data, tmp_path / "run", max_duration="400ba", **{"eval.every": "0ba"}))
+    stop_file = tmp_path / "stop"
+    env = {**os.environ, "LONGBOI_STOP_FILE": str(stop_file)}
     cmd = [sys.executable, "-m", "longboi", "train", str(cfg)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 300
     while not (tmp_path / "run" / "checkpoints" / "step-00000004").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the signal"
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the request"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)
+    if how == "signal":
+        proc.send_signal(signal.SIGUSR1)
+    else:
+        stop_file.touch()
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     stopped = re.search(r"stopped on request at step (\d+), checkpoint saved", err)
@@ -713,5 +725,7 @@ def test_sigusr1_checkpoints_and_stops_then_the_same_command_resumes(tmp_path, d
     step = int(stopped.group(1))
     assert 4 <= step < 400 and (tmp_path / "run" / "checkpoints" / f"step-{step:08d}").is_dir()
     assert not (tmp_path / "run" / "final").exists()
-    assert main(["train", str(cfg), "--max_duration", f"{step + 2}ba"]) == 0
+    assert not stop_file.exists() and (tmp_path / "stop.stopped").read_text() == f"{step}\n"
+    rerun = subprocess.run([*cmd, "--max_duration", f"{step + 2}ba"], capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0 and (tmp_path / "run" / "final").is_dir(), rerun.stderr[-3000:]
     assert_resumed(tmp_path / "run", from_at_least=step)

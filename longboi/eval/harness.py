@@ -126,7 +126,7 @@ def evaluate(
             continue
         path = Path(data_root) / cfg.dataset_uri
         if anyone(not path.is_file()):
-            skipped.append(f"{cfg.label} ({path} not found{'' if path.is_file() else ' on some rank'})")
+            skipped.append(f"{cfg.label} ({path} not found{' on some rank' if path.is_file() else ''})")
             continue
         rows = read_rows(path, cfg.kind)[:limit]
         partitions = _partitions(rows, cfg, path)

@@ -107,6 +107,7 @@ class RunClock:
         self.now = time.monotonic  # replaceable, for tests of wall-clock behaviour
         self.start, self.reserve_s = self.now() - elapsed, 0.0
         self.agreed = elapsed  # elapsed seconds as every rank agrees (see finished)
+        self.agreed_reserve = 0.0  # reserve_s as every rank agrees: the lr must be one number for all
 
     def elapsed(self) -> float:
         return self.now() - self.start
@@ -115,7 +116,7 @@ class RunClock:
         if self.budget_s is None:
             assert self.total is not None
             return lr_multiplier(step, self.total, int(self.warmup), schedule)
-        window = max(self.budget_s - self.reserve_s, 1e-9)
+        window = max(self.budget_s - self.agreed_reserve, 1e-9)
         n = self.RESOLUTION
         done = min(n, int(n * self.agreed / window))
         return lr_multiplier(done, n, round(n * min(self.warmup / window, 1.0)), schedule)
@@ -129,8 +130,8 @@ class RunClock:
         if self.budget_s is None:
             return step >= (self.total or 0)
         times = torch.tensor([self.elapsed(), step_s, self.reserve_s], dtype=torch.float64)
-        self.agreed, step_s, reserve = (float(x) for x in all_reduce_mean(times, d))
-        return self.agreed + step_s + reserve >= self.budget_s
+        self.agreed, step_s, self.agreed_reserve = (float(x) for x in all_reduce_mean(times, d))
+        return self.agreed + step_s + self.agreed_reserve >= self.budget_s
 
     def due(self, every: Duration, step: int, since: float, d: Dist) -> bool:
         """Is a periodic action (eval, checkpoint) due at this step? `since`: when it last ran."""
@@ -166,12 +167,12 @@ class Run:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training described by `cfg`."""
-    r = setup(cfg)
-    with StopRequest() as stop:
+    with StopRequest() as stop:  # from the start: SIGUSR1 during set-up or the final save must not kill the run
+        r = setup(cfg)
         loss, last_eval = run_loop(r, stop)
-    if r.stopped:
-        return _stopped(r, loss, last_eval)
-    return finish(r, loss, last_eval)
+        if r.stopped:
+            return _stopped(r, loss, last_eval, stop)
+        return finish(r, loss, last_eval)
 
 
 STOP_FILE_ENV = "LONGBOI_STOP_FILE"
@@ -183,7 +184,9 @@ class StopRequest:
     Two ways, for any launcher: SIGUSR1 to a training process, or the file named by LONGBOI_STOP_FILE
     appearing (launch/slurm/train.sbatch touches it when Slurm warns; a file reaches every node's
     ranks through the shared filesystem where a signal to the batch script reaches none). The run
-    then checkpoints after its current step and ends, so a requeued job resumes there.
+    then checkpoints after its current step (no evaluation first) and ends, so a requeued job resumes
+    there. Once the stop is saved, the file is removed (the same command resumes instead of stopping
+    again) and FILE.stopped names the step, which tells a launcher "stopped, not finished".
     """
 
     def __init__(self):
@@ -204,9 +207,15 @@ class StopRequest:
         self.signalled = True
 
     def __call__(self, d: Dist) -> bool:
-        """True on every rank once any rank was asked."""
-        asked = self.signalled or bool(self.file and os.path.exists(self.file))
+        """True on every rank once any rank was asked (one process per node looks at the file)."""
+        asked = self.signalled or bool(self.file and d.local_rank == 0 and os.path.exists(self.file))
         return anyone(asked, d)
+
+    def done(self, step: int, d: Dist) -> None:
+        """The stop is saved: consume the request and leave the marker."""
+        if self.file and d.is_main:
+            Path(self.file).unlink(missing_ok=True)
+            Path(f"{self.file}.stopped").write_text(f"{step}\n")
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -287,10 +296,8 @@ def run_loop(r: Run, stop: StopRequest | None = None) -> tuple[float | None, dic
     save_every = parse_duration(cfg.checkpoint.every)
     has_eval = _has_eval(cfg)
     finished = clock.finished(progress.step, 0.0, d)
-    while not finished:
-        if stop is not None and stop(d):
-            r.stopped = True
-            break
+    r.stopped = not finished and stop is not None and stop(d)  # asked during set-up
+    while not (finished or r.stopped):
         lr = set_lr(r.optimizer, cfg.optimizer.lr, clock.lr_multiplier(progress.step, cfg.schedule))
         start = time.perf_counter()
         loss, grad_norm = train_step(
@@ -329,6 +336,9 @@ def run_loop(r: Run, stop: StopRequest | None = None) -> tuple[float | None, dic
             )
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
         bar.update(1 if clock.budget_s is None else round(progress.elapsed) - bar.n)
+        if not finished and stop is not None and stop(d):  # checkpoint now: no evaluation, no periodic save
+            r.stopped = True
+            break
         if has_eval and (finished or clock.due(eval_every, progress.step, last_eval_at, d)):
             last_eval, last_eval_at = _timed_eval(r), clock.now()
         if not finished and clock.due(save_every, progress.step, last_save, d):
@@ -422,8 +432,7 @@ def finish(r: Run, loss: float | None, last_eval: dict) -> TrainResult:
     """The final checkpoint and weights export; close the metrics."""
     final = None
     if r.cfg.checkpoint.save_final and r.progress.step > 0:
-        newest = ckpt.checkpoints(r.dir)[-1:]
-        if not newest or newest[0].name != f"step-{r.progress.step:08d}":
+        if not _saved_at_this_step(r):
             _save(r)
         if is_lora(r.model):
             final = ckpt.export_lora(r.model, r.cfg, r.dir, r.tok, r.d)
@@ -440,11 +449,18 @@ def finish(r: Run, loss: float | None, last_eval: dict) -> TrainResult:
     return TrainResult(r.dir, final, r.progress.step, last_eval.get("val_loss"), loss, last_eval, r.clock.elapsed())
 
 
-def _stopped(r: Run, loss: float | None, last_eval: dict) -> TrainResult:
-    """A requested stop: checkpoint where the run is (unless that step is saved), and say how it resumes."""
+def _saved_at_this_step(r: Run) -> bool:
+    """Is the newest checkpoint this step's? Rank 0's listing decides: saving is a collective, and a node
+    whose view of a shared filesystem lags must not skip it while the others save."""
     newest = ckpt.checkpoints(r.dir)[-1:]
-    if r.progress.step > 0 and (not newest or newest[0].name != f"step-{r.progress.step:08d}"):
+    return bool(from_rank0(bool(newest) and newest[0].name == f"step-{r.progress.step:08d}", r.d))
+
+
+def _stopped(r: Run, loss: float | None, last_eval: dict, stop: StopRequest) -> TrainResult:
+    """A requested stop: checkpoint where the run is (unless that step is saved), and say how it resumes."""
+    if r.progress.step > 0 and not _saved_at_this_step(r):
         _save(r)
+    stop.done(r.progress.step, r.d)
     r.metrics.log("stop", r.progress.step, reason="stop requested (SIGUSR1 or LONGBOI_STOP_FILE)")
     r.metrics.close()
     barrier(r.d)

@@ -14,6 +14,7 @@ Activation checkpointing recomputes each block in backward; `torch.compile` comp
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -137,7 +138,7 @@ def materialize(model: MPTForCausalLM, device: torch.device, seed: int, init_fro
     """Real weights for a model built on the meta device, sharded (FSDP2) or not: `init_from`'s
     (read slice by slice) or a fresh, seeded init. Each rank allocates only what it holds."""
     model.to_empty(device=device)
-    torch.manual_seed(seed)  # what draws next (LoRA's weights) draws the same with and without init_from
+    torch.manual_seed(seed)  # fresh draws, and what draws after them (LoRA's weights), follow the seed
     if init_from:
         _load_slices(model, init_from)
     else:
@@ -154,18 +155,21 @@ def _init_slices(model: MPTForCausalLM, device: torch.device) -> None:
         if not own:
             continue
         stand_in = copy.copy(module)  # the module's attributes (type, _is_residual), full-size weights
-        stand_in._parameters = {  # absent ones (bias=None) stay None
-            name: None if p is None else torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device))
+        stand_in._parameters = {  # absent ones (bias=None) stay None; NaN shows what init_module missed
+            name: None if p is None else torch.nn.Parameter(torch.full(p.shape, math.nan, dtype=p.dtype, device=device))
             for name, p in module._parameters.items()
         }
         model.init_module(stand_in)
         for name, p in own.items():
-            _local(p).copy_(_block(stand_in._parameters[name].detach(), p))
+            full = stand_in._parameters[name].detach()
+            if full.isnan().any():
+                raise TypeError(f"init_module does not initialize {type(module).__name__}.{name}")
+            _local(p).copy_(_block(full, p))
 
 
 def _load_slices(model: MPTForCausalLM, init_from: str) -> None:
     """Each parameter's local block read from the checkpoint, never the whole state."""
-    reader = WeightReader(init_from, model.config.tie_word_embeddings)
+    reader = WeightReader(init_from)
     params = clean_state_dict(dict(model.named_parameters()))
     missing, unexpected = sorted(set(params) - reader.names()), sorted(reader.names() - set(params))
     if missing or unexpected:
@@ -180,7 +184,8 @@ def _load_slices(model: MPTForCausalLM, init_from: str) -> None:
                 f"needs {list(p.shape)}"
             )
         offset, shape = _extent(p)
-        _local(p).copy_(reader.read(name, offset, shape))
+        if 0 not in shape:  # a rank may hold no rows of a small weight
+            _local(p).copy_(reader.read(name, offset, shape))
 
 
 def _apply_order(module: torch.nn.Module) -> Iterator[torch.nn.Module]:

@@ -61,8 +61,9 @@ def evaluate(
             top_k=cfg.eval.top_k,
             seed=cfg.seed,
         )
+        together = lambda flag: anyone(flag, d)  # noqa: E731  # every rank stops generating at the same step
         with autocast:
-            texts = generate(model, tok, list(cfg.eval.prompts), params)  # FSDP2 shards `model` in place
+            texts = generate(model, tok, list(cfg.eval.prompts), params, together)  # FSDP2 shards `model` in place
         metrics.log("samples", step, samples=dict(zip(cfg.eval.prompts, texts)))
     wrapped.train()
     return results
