@@ -158,7 +158,7 @@ def test_sbatch_trains_and_survives_a_time_limit_warning_and_a_requeue_bit_ident
     uninterrupted run's bit for bit."""
     knobs = {**KNOBS, "global_batch_size": 4, "checkpoint.every": "4ba", "eval.every": "1ba"}
     knobs |= {"eval.prompts": ["ROMEO:"], "eval.max_new_tokens": 8}  # slower steps: time to act mid-run
-    steps = 48
+    steps = 32
     cfg = write(tmp_path, "run", run_config(data, tmp_path / "run", max_duration=f"{steps}ba", **knobs))
     reference = write(tmp_path, "ref", run_config(data, tmp_path / "ref", max_duration=f"{steps}ba", **knobs))
     env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
