@@ -172,3 +172,25 @@ def test_export_cli_writes_a_directory_hf_auto_classes_load(tmp_path, tokenizer_
     ids = ids_batch()
     with torch.no_grad():
         assert (ours(ids) - model(ids).logits).abs().max() <= 1e-4
+
+
+def test_a_run_starts_from_a_directory_transformers_saved(tmp_path):
+    """init_from a Hugging Face directory (save_pretrained, safetensors): read slice by slice into the
+    meta-built model, every weight as saved."""
+    from conftest import TOKENIZER
+
+    from longboi.train.config import TrainConfig
+    from longboi.train.loop import _start_model
+    from longboi.train.parallelize import Dist
+
+    cfg = small_config()
+    source = build(cfg, seed=3)
+    save_checkpoint(source, tmp_path / "ours", Tokenizer(TOKENIZER))
+    MptForCausalLM.from_pretrained(tmp_path / "ours").save_pretrained(tmp_path / "hf", safe_serialization=True)
+    run = TrainConfig(
+        run_dir=str(tmp_path / "run"), model=cfg, tokenizer=str(TOKENIZER), max_duration="1ba",
+        global_batch_size=1, init_from=str(tmp_path / "hf"),
+    )  # fmt: skip
+    model, _ = _start_model(run, Tokenizer(TOKENIZER), Dist(), bf16=False)
+    started, saved = model.state_dict(), source.state_dict()
+    assert started.keys() == saved.keys() and all(torch.equal(started[k], saved[k]) for k in saved)
