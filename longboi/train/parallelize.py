@@ -61,7 +61,7 @@ def init_distributed(device: str = "auto") -> Dist:
 def _warn_shared_store(rank: int) -> None:
     """torchrun (c10d rendezvous) hands its workers one store for the whole job. After a restart the new
     workers can read the keys the previous round left there (a dead worker's address) before their
-    peers overwrite them, and hang connecting (seen with gloo: 1 run in 4). A store per round avoids it."""
+    peers overwrite them, and hang connecting (seen with gloo: 2 runs in 4). A store per round avoids it."""
     restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if rank == 0 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         print(
