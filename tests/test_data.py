@@ -382,3 +382,37 @@ def test_vocabularies_past_65536_ids_get_uint32_shards(tmp_path, tokenizer_path)
     ds = StreamingDataset(str(tmp_path / "out" / "train"), shuffle=False)
     ids = torch.cat([ds[g]["input_ids"] for g in range(len(ds))]).tolist()
     assert 66_276 in ids and max(ids) == 66_276  # read back unclipped, not wrapped modulo 2^16
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_files_without_a_suffix_as_split_writes_them_are_read(tmp_path, tokenizer_path, workers, capsys):
+    """`split -d` leaves part00, part01, ...: read as text (jsonl when the first line is a JSON object),
+    in one process and in workers, with the same tokens as the same bytes named .txt; binary files and
+    other suffixes in the directory are skipped, and named when nothing is left."""
+    text = SHAKESPEARE.read_bytes()[:120_000]
+    cut = text.index(b"\n\n", 60_000) + 2  # at a paragraph: the .txt twin splits into the same documents
+    parts, named = tmp_path / "parts", tmp_path / "named"
+    parts.mkdir(), named.mkdir()
+    for i, chunk in enumerate((text[:cut], text[cut:])):
+        (parts / f"part{i:02d}").write_bytes(chunk)
+        (named / f"part{i:02d}.txt").write_bytes(chunk)
+    rows = [{"text": f"Story {i}. " * 40} for i in range(30)]
+    (parts / "rows").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (named / "rows.jsonl").write_text((parts / "rows").read_text())
+    (parts / "blob").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" * 100)  # binary: skipped
+    (parts / "notes.csv").write_text("a,b\n")  # another suffix: skipped
+    (parts / ".hidden").write_text("not read")
+    a = prepare([str(parts)], str(tmp_path / "a"), str(tokenizer_path), seq_len=64, workers=workers)
+    b = prepare([str(named)], str(tmp_path / "b"), str(tokenizer_path), seq_len=64, workers=workers)
+    assert a.files == b.files == 3 and a.documents == b.documents and a.tokens == b.tokens
+    assert (tmp_path / "a" / "train" / "shard-00000.bin").read_bytes() == (
+        tmp_path / "b" / "train" / "shard-00000.bin"
+    ).read_bytes()
+    only_others = tmp_path / "others"
+    only_others.mkdir()
+    (only_others / "blob").write_bytes(b"\x00\x01" * 10)
+    (only_others / "notes.csv").write_text("a,b\n")
+    assert main(["prepare", str(only_others), "--out", str(tmp_path / "c"), "--tokenizer", str(tokenizer_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no input files found" in err and "1 x .csv" in err and "1 x binary files without a suffix" in err
+    assert "files without a suffix that hold text" in err

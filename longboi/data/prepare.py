@@ -9,6 +9,7 @@ contiguous held-out tail, so no validation text sits between training samples of
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import gzip
 import io
@@ -34,6 +35,7 @@ from longboi.tokenizer import Tokenizer
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 JSONL_SUFFIXES = (".jsonl", ".json")
 COMPRESSED = (".gz", ".zst")
+SNIFF_BYTES = 64 * 1024  # how much of a suffix-less file decides text, jsonl or binary
 BATCH_CHARS = 1 << 21  # text per tokenization job: large enough to amortize IPC, small enough to stream
 OnBadInput = Literal["error", "skip"]
 
@@ -65,32 +67,73 @@ class PrepareReport:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, directories (searched recursively) and globs -> a sorted, de-duplicated file list."""
+    """Files, directories (searched recursively) and globs -> a sorted, de-duplicated file list.
+
+    Read: the suffixes in TEXT_SUFFIXES and JSONL_SUFFIXES (optionally compressed), and files with no
+    suffix at all (`split` writes part00, xaa, ...), which are read as text, or as jsonl when their
+    first line is a JSON object, and skipped when binary. A directory's other files are skipped and
+    counted in the error when nothing is left.
+    """
     found: list[Path] = []
+    skipped: dict[str, int] = {}
     for item in inputs:
         matches = [Path(p) for p in sorted(glob.glob(item, recursive=True))] or [Path(item)]
         for path in matches:
             if path.is_dir():
-                found += sorted(p for p in path.rglob("*") if p.is_file() and _kind(p) is not None)
+                for p in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                    if _kind(p) is None:
+                        key = "".join(p.suffixes[-2:]) or "binary files without a suffix"
+                        skipped[key] = skipped.get(key, 0) + 1
+                    else:
+                        found.append(p)
             elif path.is_file():
                 if _kind(path) is None:
-                    raise UserError(
-                        f"{path}: unsupported input type (use {TEXT_SUFFIXES + JSONL_SUFFIXES}, "
-                        f"optionally {COMPRESSED})"
-                    )
+                    raise UserError(f"{path}: unsupported input type ({_READ})")
                 found.append(path)
             else:
                 raise UserError(f"input not found: {item}")
     unique = list(dict.fromkeys(found))
     if not unique:
-        raise UserError(f"no input files found in {inputs}")
+        others = ", ".join(f"{n} x {k}" for k, n in sorted(skipped.items()))
+        raise UserError(f"no input files found in {inputs} ({_READ}{'; skipped: ' + others if others else ''})")
     return unique
+
+
+_READ = (
+    f"read: {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, optionally {' or '.join(COMPRESSED)}-compressed, and files "
+    "without a suffix that hold text; rename or link other text files to .txt"
+)
 
 
 def _kind(path: Path) -> str | None:
     suffixes = path.suffixes[-2:] if path.suffix in COMPRESSED else path.suffixes[-1:]
-    base = suffixes[0] if suffixes else ""
-    return "text" if base in TEXT_SUFFIXES else "jsonl" if base in JSONL_SUFFIXES else None
+    base = suffixes[0] if suffixes and suffixes[0] not in COMPRESSED else ""
+    if base:
+        return "text" if base in TEXT_SUFFIXES else "jsonl" if base in JSONL_SUFFIXES else None
+    return _sniff(path)
+
+
+@functools.lru_cache(maxsize=4096)  # asked per file by the listing and again by each worker that reads it
+def _sniff(path: Path) -> str | None:
+    """A file without a suffix: "jsonl" if its first non-empty line is a JSON object, "text" if its head
+    is UTF-8 without NUL bytes, None (binary) otherwise. Decided from the content alone, so every worker
+    that asks decides the same."""
+    with _open_binary(path) as raw:
+        head = raw.read(SNIFF_BYTES)
+    if b"\0" in head:
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return None
+        text = head[: e.start].decode("utf-8")
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        with contextlib.suppress(ValueError):
+            if isinstance(json.loads(first), dict):
+                return "jsonl"
+    return "text"
 
 
 def _open_binary(path: Path) -> IO[bytes]:
