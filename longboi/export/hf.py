@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from longboi.checkpoint import load_model, load_tokenizer, save_checkpoint
-from longboi.config import ModelConfig, hf_unsupported
+from longboi.config import ModelConfig, hf_unsupported, vllm_unsupported
 from longboi.errors import UserError
 
 
@@ -38,7 +38,20 @@ def export_hf(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> P
         print("note: dropout is training-only; the HF export sets attn/resid/emb_pdrop to 0", file=sys.stderr)
         cfg = cfg.replace(attn_pdrop=0.0, resid_pdrop=0.0, emb_pdrop=0.0)
     check_hf_representable(cfg)
-    return save_checkpoint(model, dst, load_tokenizer(src), config=cfg)
+    path = save_checkpoint(model, dst, load_tokenizer(src), config=cfg)
+    print(vllm_verdict(cfg), file=sys.stderr)
+    return path
+
+
+def vllm_verdict(cfg: ModelConfig) -> str:
+    """One line: whether `vllm serve DIR` will load the export, and why not (checked statically)."""
+    problems = vllm_unsupported(cfg)
+    if problems:
+        return f"note: vLLM's MPTForCausalLM will not load this: {'; '.join(problems)}"
+    return (
+        f"vLLM: loads as MPTForCausalLM (vllm serve DIR); it serves up to max_seq_len {cfg.max_seq_len} "
+        "tokens unless given --max-model-len with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (ALiBi runs past it)"
+    )
 
 
 def import_checkpoint(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
