@@ -362,8 +362,9 @@ def _defend(r: Run, event: str, loss: float, grad_norm: float, batches):
         )
     r.optimizer.zero_grad(set_to_none=True)
     progress.consumed = r.loader.consumed  # the offending batch is skipped either way
-    if cfg.spike.action == "rollback" and newest_checkpoint(r.dir, r.d) is not None:
-        return _rollback(r.dir, r.wrapped, r.optimizer, r.loader, progress, r.d, r.metrics)
+    latest = newest_checkpoint(r.dir, r.d) if cfg.spike.action == "rollback" else None
+    if latest is not None:
+        return _rollback(latest, r.wrapped, r.optimizer, r.loader, progress, r.d, r.metrics)
     return batches
 
 
@@ -557,10 +558,8 @@ def newest_checkpoint(run: Path, d: Dist) -> Path | None:
     return path
 
 
-def _rollback(run: Path, model, optimizer, loader: StreamLoader, progress: Progress, d: Dist, metrics) -> object:
-    """Restore the newest checkpoint but keep the data position past the offending batch."""
-    latest = newest_checkpoint(run, d)
-    assert latest is not None
+def _rollback(latest: Path, model, optimizer, loader: StreamLoader, progress: Progress, d: Dist, metrics) -> object:
+    """Restore the newest checkpoint (`latest`) but keep the data position past the offending batch."""
     skip_to, events = progress.consumed, progress.events
     saved = Progress(**ckpt.load(latest, model, optimizer, d)["progress"])
     progress.__dict__.update(saved.__dict__)
