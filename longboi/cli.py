@@ -351,6 +351,8 @@ def prepare(
     shard_mb: float = 64.0,
     workers: int = 0,
     on_bad_input: Literal["error", "skip"] = "error",
+    part: str | None = None,
+    group_mb: float = 64.0,
 ) -> dict:
     """Tokenize text/jsonl files (also .gz/.zst) into shards for training.
 
@@ -362,11 +364,18 @@ def prepare(
         layout: chunks (concatenate with EOS, cut into seq_len samples) or documents (one sample per document).
         text_field: jsonl field holding the text.
         split_on: split text files into documents at this string (e.g. "<|endoftext|>"); default: one per file.
-        val_fraction: hold out this fraction of each file's tokens (its tail) as the validation split.
+        val_fraction: hold out this fraction of each file's tokens (its tail; of each group_mb piece of a
+            larger jsonl) as the validation split.
         shard_mb: target shard size in MiB.
         workers: 0: tokenize in-process with the tokenizer's threads (all cores); N: use N processes.
         on_bad_input: error (stop at the first bad line) or skip (count, report and go on).
+        part: I/N: tokenize only part I (from 0) of N, e.g. on N machines or as a Slurm array
+            (--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); then `longboi merge-index OUT`. The
+            merged dataset is byte for byte the one a run without --part writes.
+        group_mb: input MiB per group: the unit of work a part takes, and where concat-and-chunk restarts
+            (dropping under seq_len tokens per group). Every part and the merge must use the same value.
     """
+    from longboi.data.parts import part_spec
     from longboi.data.prepare import prepare as run
 
     r = run(
@@ -381,20 +390,40 @@ def prepare(
         shard_mb=shard_mb,
         workers=workers,
         on_bad_input=on_bad_input,
+        part=part_spec(part) if part is not None else None,
+        group_mb=group_mb,
     )
-    mb = r.bytes_read / 2**20
-    total = r.tokens_read
+    _print_report(r, out, "prepared" if part is None else f"part {part}:")
+    if part is not None:
+        print(f"  when every part has run: longboi merge-index {out}")
+    return {"tokens": r.tokens, "samples": r.samples, "skipped": r.skipped, "seconds": r.seconds}
+
+
+def merge_index(out: str) -> dict:
+    """Finish a `prepare --part I/N` run: check every part is present and complete, write index.json.
+
+    Args:
+        out: the --out of the parts (a directory or fsspec URL such as s3://bucket/data).
+    """
+    from longboi.data.prepare import merge as run
+
+    r = run(out)
+    _print_report(r, out, "merged: the parts read")
+    return {"tokens": r.tokens, "samples": r.samples, "skipped": r.skipped, "documents": r.documents}
+
+
+def _print_report(r, out: str, what: str) -> None:
+    mb, seconds = r.bytes_read / 2**20, max(r.seconds, 1e-9)
     print(
-        f"prepared {r.files} files, {r.documents} documents, {mb:.1f} MiB in {r.seconds:.1f}s "
-        f"({mb / r.seconds:.1f} MiB/s, {total / r.seconds:,.0f} tokens/s)"
+        f"{what} {r.files} files, {r.documents} documents, {mb:.1f} MiB in {r.seconds:.1f}s "
+        f"({mb / seconds:.1f} MiB/s, {r.tokens_read / seconds:,.0f} tokens/s)"
     )
     for split in r.tokens:
         print(f"  {split}: {r.samples[split]:,} samples, {r.tokens[split]:,} tokens -> {out}/{split}")
     if r.dropped_tail_tokens:
-        print(f"  dropped {r.dropped_tail_tokens} trailing tokens that did not fill a {seq_len}-token sample")
+        print(f"  dropped {r.dropped_tail_tokens} trailing tokens that did not fill a sample")
     if r.skipped:
         print(f"  skipped {r.skipped} bad inputs, e.g.:", *r.skip_examples[:5], sep="\n    ")
-    return {"tokens": r.tokens, "samples": r.samples, "skipped": r.skipped, "seconds": r.seconds}
 
 
 def train(config: str, *overrides: str) -> dict:
@@ -778,6 +807,7 @@ COMMANDS: list[Callable] = [
     generate,
     convert,
     prepare,
+    merge_index,
     train_tokenizer,
     train,
     finetune,

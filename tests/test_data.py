@@ -1,8 +1,6 @@
 import gzip
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -67,7 +65,7 @@ def test_prepare_jsonl_compressed_and_documents_layout(tmp_path, tokenizer_path)
     zst.write_bytes(zstandard.ZstdCompressor().compress(plain.read_bytes()))
     for src in (plain.parent, gz, zst):
         prepare([str(src)], str(tmp_path / f"out-{src.name}"), str(tokenizer_path), layout="documents", workers=1)
-    files = [tmp_path / f"out-{p}" / "train" / "shard-00000.bin" for p in ("in", gz.name, zst.name)]
+    files = [tmp_path / f"out-{p}" / "train" / "shard-00000-00000.bin" for p in ("in", gz.name, zst.name)]
     assert files[0].read_bytes() == files[1].read_bytes() == files[2].read_bytes()
     ds = StreamingDataset(str(tmp_path / "out-in" / "train"), shuffle=False)
     tok = Tokenizer(tokenizer_path)
@@ -123,17 +121,17 @@ def test_bad_text_and_empty_inputs(tmp_path, tokenizer_path, capsys):
 def test_corrupt_and_truncated_shards_are_detected(shakespeare, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(shakespeare / "train", copy)
-    shard = copy / "shard-00002.bin"
+    shard = copy / "shard-00000-00002.bin"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF
     shard.write_bytes(bytes(data))
     ds = StreamingDataset(str(copy), shuffle=False)
     ds[0]  # shard 0 is fine
     first_of_2 = int(ds.data[0].shard_starts[2])
-    with pytest.raises(UserError, match=r"corrupt shard .*shard-00002.bin: sha256"):
+    with pytest.raises(UserError, match=r"corrupt shard .*shard-00000-00002.bin: sha256"):
         ds[first_of_2]
     shard.write_bytes(bytes(data[:-10]))
-    with pytest.raises(UserError, match=r"shard-00002.bin: .* bytes, index.json says .* \(truncated\?\)"):
+    with pytest.raises(UserError, match=r"shard-00000-00002.bin: .* bytes, index.json says .* \(truncated\?\)"):
         StreamingDataset(str(copy), shuffle=False)[first_of_2]
 
 
@@ -226,48 +224,7 @@ def test_mixing_by_proportion_and_by_count(shakespeare, tmp_path, tokenizer_path
 
 
 # ---------------------------------------------------------------------------------------------
-# Object storage: a real S3-compatible server (moto) on loopback.
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    port = _free_port()
-    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    proc = subprocess.Popen(
-        [moto, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ENDPOINT_URL_S3": endpoint,
-    }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    for _ in range(100):
-        try:
-            s3fs.S3FileSystem(skip_instance_cache=True).mkdir("longboi-test")
-            break
-        except Exception:
-            time.sleep(0.1)
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=10)
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+# Object storage: a real S3-compatible server (moto) on loopback (the `s3` fixture in conftest.py).
 
 
 @pytest.fixture(scope="module")
@@ -350,9 +307,9 @@ def test_a_bad_remote_shard_is_retried_then_reported(s3_shakespeare, tmp_path):
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.copy("longboi-test/shakespeare/train", "longboi-test/broken/train", recursive=True)
-    real = bytearray(fs.cat("longboi-test/broken/train/shard-00000.bin"))
+    real = bytearray(fs.cat("longboi-test/broken/train/shard-00000-00000.bin"))
     real[100] ^= 0xFF  # the right size, one wrong byte: only the sha256 can tell
-    fs.pipe("longboi-test/broken/train/shard-00000.bin", bytes(real))
+    fs.pipe("longboi-test/broken/train/shard-00000-00000.bin", bytes(real))
     ds = StreamingDataset(
         "s3://longboi-test/broken/train",
         shuffle=False,
@@ -360,11 +317,11 @@ def test_a_bad_remote_shard_is_retried_then_reported(s3_shakespeare, tmp_path):
     )
     start = time.perf_counter()
     with pytest.raises(
-        UserError, match=r"could not download .*shard-00000.bin after 2 attempts.*sha256 does not match"
+        UserError, match=r"could not download .*shard-00000-00000.bin after 2 attempts.*sha256 does not match"
     ):
         ds[0]
     assert time.perf_counter() - start >= 0.5  # it backed off before the second attempt
-    assert not list((tmp_path / "c").rglob("shard-00000.bin"))  # nothing unverified entered the cache
+    assert not list((tmp_path / "c").rglob("shard-00000-00000.bin"))  # nothing unverified entered the cache
 
 
 def test_vocabularies_past_65536_ids_get_uint32_shards(tmp_path, tokenizer_path):
@@ -405,8 +362,8 @@ def test_files_without_a_suffix_as_split_writes_them_are_read(tmp_path, tokenize
     a = prepare([str(parts)], str(tmp_path / "a"), str(tokenizer_path), seq_len=64, workers=workers)
     b = prepare([str(named)], str(tmp_path / "b"), str(tokenizer_path), seq_len=64, workers=workers)
     assert a.files == b.files == 3 and a.documents == b.documents and a.tokens == b.tokens
-    assert (tmp_path / "a" / "train" / "shard-00000.bin").read_bytes() == (
-        tmp_path / "b" / "train" / "shard-00000.bin"
+    assert (tmp_path / "a" / "train" / "shard-00000-00000.bin").read_bytes() == (
+        tmp_path / "b" / "train" / "shard-00000-00000.bin"
     ).read_bytes()
     only_others = tmp_path / "others"
     only_others.mkdir()

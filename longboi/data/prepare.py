@@ -3,7 +3,9 @@
 Documents are read in the main process (so errors can name file and line), tokenized in a pool of
 worker processes in order, joined with EOS and cut into `seq_len` samples (`chunks`) or kept whole
 (`documents`). The validation split is the last `val_fraction` of each input file (nanoGPT-style: a
-contiguous held-out tail, so no validation text sits between training samples of the same file).
+contiguous held-out tail, so no validation text sits between training samples of the same file); a
+jsonl file larger than a group (`group_mb`, see parts.py) holds out the tail of each of its pieces.
+The work is done group by group, so any number of parts (`part=(I, N)`) writes the same shards.
 """
 
 from __future__ import annotations
@@ -21,13 +23,25 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
 import numpy as np
 from tqdm import tqdm
 
+from longboi.data.parts import (
+    GROUP_MB,
+    GroupOutput,
+    Piece,
+    assigned,
+    fingerprint,
+    merge_index,
+    plan_groups,
+    record_name,
+    write_indexes,
+    write_record,
+)
 from longboi.data.shards import Layout, ShardWriter
 from longboi.errors import UserError
 from longboi.tokenizer import Tokenizer
@@ -43,7 +57,6 @@ OnBadInput = Literal["error", "skip"]
 @dataclass
 class Document:
     file: str
-    line: int
     text: str
 
 
@@ -147,21 +160,27 @@ def _open_binary(path: Path) -> IO[bytes]:
 
 
 def iter_documents(
-    path: Path, text_field: str, split_on: str | None, on_bad: OnBadInput, report: PrepareReport
+    path: Path,
+    text_field: str,
+    split_on: str | None,
+    on_bad: OnBadInput,
+    report: PrepareReport,
+    piece: Piece | None = None,
 ) -> Iterator[Document]:
-    """The documents of one file, with bad input raised or counted (file:line in both cases)."""
+    """The documents of one file (or of the byte range `piece` of a jsonl file), with bad input raised or
+    counted (file:line in both cases)."""
     with _open_binary(path) as raw:
         if _kind(path) == "jsonl":
-            yield from _jsonl_documents(path, raw, text_field, on_bad, report)
+            yield from _jsonl_documents(path, raw, text_field, on_bad, report, piece or Piece(str(path)))
         else:
             data = raw.read()
             report.bytes_read += len(data)
             text = _decode(data, path, on_bad, report)
             if text is not None:
                 pieces = text.split(split_on) if split_on else [text]
-                for piece in pieces:
-                    if piece.strip():
-                        yield Document(str(path), 1, piece.strip("\n") if split_on else piece)
+                for part in pieces:
+                    if part.strip():
+                        yield Document(str(path), part.strip("\n") if split_on else part)
 
 
 def _decode(data: bytes, path: Path, on_bad: OnBadInput, report: PrepareReport, line: int | None = None) -> str | None:
@@ -180,26 +199,56 @@ def _bad(reason: str, on_bad: OnBadInput, report: PrepareReport) -> None:
 
 
 def _jsonl_documents(
-    path: Path, raw: IO[bytes], text_field: str, on_bad: OnBadInput, report: PrepareReport
+    path: Path, raw: IO[bytes], text_field: str, on_bad: OnBadInput, report: PrepareReport, piece: Piece
 ) -> Iterator[Document]:
+    if piece.start:
+        raw.seek(piece.start)
+    line_of = _line_numbers(path, piece.start)
+    at = piece.start
     for number, line_bytes in enumerate(io.BufferedReader(raw) if not hasattr(raw, "peek") else raw, start=1):
+        if piece.end is not None and at >= piece.end:
+            break
+        at += len(line_bytes)
         report.bytes_read += len(line_bytes)
         if not line_bytes.strip():
             continue
-        line = _decode(line_bytes, path, on_bad, report, number)
+        line = _decode(line_bytes, path, on_bad, report, line_of(number))
         if line is None:
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            _bad(f"{path}:{number}: invalid JSON ({e.msg})", on_bad, report)
+            _bad(f"{path}:{line_of(number)}: invalid JSON ({e.msg})", on_bad, report)
             continue
         text = row.get(text_field) if isinstance(row, dict) else None
         if not isinstance(text, str):
             keys = list(row) if isinstance(row, dict) else type(row).__name__
-            _bad(f"{path}:{number}: no string field {text_field!r} (has {keys}; set --text-field)", on_bad, report)
+            _bad(
+                f"{path}:{line_of(number)}: no string field {text_field!r} (has {keys}; set --text-field)",
+                on_bad,
+                report,
+            )
             continue
-        yield Document(str(path), number, text)
+        yield Document(str(path), text)
+
+
+def _line_numbers(path: Path, start: int) -> Callable[[int], int]:
+    """Line n of a piece starting at byte `start` -> line number in the file. The lines before the piece
+    are counted only when a message needs one (a piece of a large file may start gigabytes in)."""
+    base: list[int] = []
+
+    def line_of(n: int) -> int:
+        if not base:
+            count = 0
+            with open(path, "rb") as f:
+                left = start
+                while left > 0 and (block := f.read(min(left, 1 << 24))):
+                    count += block.count(b"\n")
+                    left -= len(block)
+            base.append(count)
+        return base[0] + n
+
+    return (lambda n: n) if start == 0 else line_of
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,84 +360,144 @@ def prepare(
     workers: int = 0,
     on_bad_input: OnBadInput = "error",
     max_doc_tokens: int | None = None,
+    part: tuple[int, int] | None = None,
+    group_mb: float = GROUP_MB,
 ) -> PrepareReport:
-    """Tokenize text/jsonl files into shards under `out` (a local path or fsspec URL): `out/train`, `out/val`."""
+    """Tokenize text/jsonl files into shards under `out` (a local path or fsspec URL): `out/train`, `out/val`.
+
+    `part=(I, N)`: only part I of N of the input groups (see parts.py), writing its shards and the record
+    `out/parts/part-I-of-N.json`; `merge_index(out)` writes the index once every part has run.
+    """
     if seq_len < 2:
         raise UserError(f"seq_len must be at least 2, got {seq_len}")
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not group_mb > 0:
+        raise UserError(f"group_mb must be positive, got {group_mb}")
     tok = Tokenizer(tokenizer)
     files = expand_inputs(inputs)
+    groups = plan_groups(files, [_kind(f) for f in files], max(1, int(group_mb * 2**20)))
+    sizes = [sum((p.end or Path(p.path).stat().st_size) - p.start for p in g) for g in groups]
+    index, parts = part or (0, 1)
+    mine = assigned(groups, sizes, index, parts)
+    settings = dict(
+        seq_len=seq_len, layout=layout, text_field=text_field, split_on=split_on, val_fraction=val_fraction,
+        shard_mb=shard_mb, on_bad_input=on_bad_input, max_doc_tokens=max_doc_tokens, group_mb=group_mb,
+    )  # fmt: skip
+    meta = dict(
+        layout=layout, seq_len=seq_len, splits=["train", "val"] if val_fraction > 0 else ["train"],
+        tokenizer_sha256=tok.sha256(), vocab_size=tok.vocab_size, eos_id=tok.eos_id, groups=len(groups),
+        fingerprint=fingerprint(settings | {"tokenizer_sha256": tok.sha256()}, groups),
+    )  # fmt: skip
+    local_out, remote = _local_output(out, part)
     report = PrepareReport(files=len(files))
-    local_out, remote = _local_output(out)
-    splits = ["train", "val"] if val_fraction > 0 else ["train"]
-    shard_bytes = int(shard_mb * 2**20)
-    writers = {s: ShardWriter(local_out / s, layout, seq_len, tok.vocab_size, shard_bytes) for s in splits}
-    chunkers = {s: _Chunker(w, seq_len) for s, w in writers.items()}
     start = time.perf_counter()
-    total_bytes = sum(p.stat().st_size for p in files)
+    outputs = {}
     with (
         _tokenizer_map(tok, workers) as tokenize,
-        tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True) as bar,
+        tqdm(total=sum(sizes[g] for g in mine), unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True) as bar,
     ):
-        for path in files:
-            splitter = _Splitter(val_fraction, tok.eos_id)
-            docs = iter_documents(path, text_field, split_on, on_bad_input, report)
-            for ids in tokenize([d.text for d in batch] for batch in _batches(docs)):
-                for arr in ids:
-                    if max_doc_tokens is not None and len(arr) > max_doc_tokens:
-                        report.skip(f"{path}: a document of {len(arr)} tokens > max_doc_tokens={max_doc_tokens}")
-                        continue
-                    splitter.add(arr)
-                    report.documents += 1
-                    report.tokens_read += len(arr)
-            bar.update(path.stat().st_size)
+        run = functools.partial(
+            _prepare_group, tok=tok, meta=meta, out=local_out, tokenize=tokenize, settings=settings, report=report
+        )
+        for g in mine:
+            outputs[g] = run(g, groups[g])
+            bar.update(sizes[g])
             bar.set_postfix(tok_s=f"{report.tokens_read / max(time.perf_counter() - start, 1e-9):,.0f}")
-            for split, arrays in zip(("train", "val"), splitter.split()):
-                for arr in arrays:
-                    (chunkers[split] if layout == "chunks" else writers[split]).add(arr)
-    if report.documents == 0:
-        raise UserError(f"no documents found in {inputs} (empty input{', all skipped' if report.skipped else ''})")
-    _finish_splits(writers, chunkers if layout == "chunks" else None, tok, seq_len, report)
+    report.seconds = time.perf_counter() - start
+    if part is not None:
+        write_record(local_out / "parts", index, parts, meta, outputs, asdict(report))
+    else:
+        if report.documents == 0:
+            raise UserError(f"no documents found in {inputs} (empty input{', all skipped' if report.skipped else ''})")
+        for split, idx in write_indexes(local_out, meta, outputs).items():
+            report.tokens[split], report.samples[split] = idx.total_tokens, idx.total_samples
+    report.dropped_tail_tokens = sum(o.dropped_tokens for splits in outputs.values() for o in splits.values())
     if remote:
         _upload(local_out, out)
-    report.seconds = time.perf_counter() - start
     return report
 
 
-def _finish_splits(writers: dict, chunkers: dict | None, tok: Tokenizer, seq_len: int, report: PrepareReport) -> None:
-    """Write each split's index; a split without a single sample is an error."""
-    for split, writer in writers.items():
-        report.dropped_tail_tokens += len(chunkers[split].buffer) if chunkers else 0
-        index = writer.finish(tok.sha256(), tok.vocab_size, tok.eos_id)
-        report.tokens[split], report.samples[split] = index.total_tokens, index.total_samples
-        if index.total_samples == 0:
-            raise UserError(
-                f"{split} split has no samples: the input has fewer than seq_len={seq_len} tokens "
-                f"(lower seq_len or val_fraction)"
-            )
+def _prepare_group(
+    g: int, pieces: list[Piece], tok: Tokenizer, meta: dict, out: Path, tokenize, settings: dict, report: PrepareReport
+) -> dict[str, GroupOutput]:
+    """One group: each piece's documents tokenized, its tail routed to validation, then concatenated and
+    chunked (chunks) or kept whole (documents) into the group's own shards."""
+    layout, seq_len, max_doc = meta["layout"], meta["seq_len"], settings["max_doc_tokens"]
+    shard_bytes = int(settings["shard_mb"] * 2**20)
+    writers = {
+        s: ShardWriter(out / s, layout, seq_len, tok.vocab_size, shard_bytes, prefix=f"shard-{g:05d}-")
+        for s in meta["splits"]
+    }
+    chunkers = {s: _Chunker(w, seq_len) for s, w in writers.items()}
+    for piece in pieces:
+        path = Path(piece.path)
+        splitter = _Splitter(settings["val_fraction"], tok.eos_id)
+        docs = iter_documents(
+            path, settings["text_field"], settings["split_on"], settings["on_bad_input"], report, piece
+        )
+        for ids in tokenize([d.text for d in batch] for batch in _batches(docs)):
+            for arr in ids:
+                if max_doc is not None and len(arr) > max_doc:
+                    report.skip(f"{path}: a document of {len(arr)} tokens > max_doc_tokens={max_doc}")
+                    continue
+                splitter.add(arr)
+                report.documents += 1
+                report.tokens_read += len(arr)
+        for split, arrays in zip(("train", "val"), splitter.split()):
+            for arr in arrays:
+                (chunkers[split] if layout == "chunks" else writers[split]).add(arr)
+    return {
+        s: GroupOutput(w.close(), w.longest, len(chunkers[s].buffer) if layout == "chunks" else 0)
+        for s, w in writers.items()
+    }
 
 
-def _local_output(out: str) -> tuple[Path, bool]:
-    """Where to write: `out` itself when local, else a temp dir uploaded at the end."""
+def merge(out: str) -> PrepareReport:
+    """`longboi merge-index`: the index of a prepare run made in parts (see parts.py), with the parts'
+    bad-input reports summed."""
+    indexes, summed = merge_index(out)
+    report = PrepareReport(**summed)
+    for split, idx in indexes.items():
+        report.tokens[split], report.samples[split] = idx.total_tokens, idx.total_samples
+    return report
+
+
+def _local_output(out: str, part: tuple[int, int] | None) -> tuple[Path, bool]:
+    """Where to write: `out` itself when local, else a temp dir uploaded at the end. A whole run starts
+    from an empty output; a part removes only its own record (its commit) and any stale index."""
     if "://" in out and not out.startswith("file://"):
+        if part is not None:
+            _forget_remote(out, part)
         return Path(tempfile.mkdtemp(prefix="longboi-prepare-")), True
     path = Path(out.removeprefix("file://"))
-    if path.exists() and any(path.iterdir()):
-        for split in ("train", "val"):
-            if (path / split).exists():
-                shutil.rmtree(path / split)
+    if part is None:
+        for stale in ("train", "val", "parts"):
+            if (path / stale).exists():
+                shutil.rmtree(path / stale)
+        return path, False
+    for name in [f"parts/{record_name(*part)}", "train/index.json", "val/index.json"]:
+        (path / name).unlink(missing_ok=True)
     return path, False
 
 
+def _forget_remote(out: str, part: tuple[int, int]) -> None:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(out)
+    for name in [f"parts/{record_name(*part)}", "train/index.json", "val/index.json"]:
+        if fs.exists(f"{root}/{name}"):
+            fs.rm_file(f"{root}/{name}")
+
+
 def _upload(local: Path, url: str) -> None:
-    """Copy shards first and each index.json last, so a reader never sees an index without its shards."""
+    """Copy shards first and each index.json (or part record) last, so a reader never sees an index
+    without its shards."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(url)
-    for split_dir in sorted(p for p in local.iterdir() if p.is_dir()):
-        for f in sorted(split_dir.iterdir()):
-            if f.name != "index.json":
-                fs.put_file(str(f), f"{root}/{split_dir.name}/{f.name}")
-        fs.put_file(str(split_dir / "index.json"), f"{root}/{split_dir.name}/index.json")
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    last = [p for p in files if p.name == "index.json" or p.parent.name == "parts"]
+    for f in [p for p in files if p not in last] + last:
+        fs.put_file(str(f), f"{root}/{f.relative_to(local).as_posix()}")
     shutil.rmtree(local, ignore_errors=True)

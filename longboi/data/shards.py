@@ -2,9 +2,12 @@
 
 A prepared dataset directory (local path or any fsspec URL) holds:
 
-    index.json          dataset facts + one entry per shard (below)
-    shard-00000.bin     token ids, little-endian uint16 (vocab < 65,536) or uint32
-    shard-00000.idx     int64 sample start offsets (n_samples + 1), documents mode only
+    index.json                dataset facts + one entry per shard (below), in sample order
+    shard-00000-00000.bin     token ids, little-endian uint16 (vocab < 65,536) or uint32
+    shard-00000-00000.idx     int64 sample start offsets (n_samples + 1), documents mode only
+
+Shards are named by the input group that made them (`shard-GROUP-K`, see prepare.py), so the parts of a
+prepare run on many machines write the same files one process writes.
 
 Two layouts: `chunks` (LLM Foundry's concat-and-chunk: documents joined with EOS and cut into
 samples of exactly `seq_len` tokens) and `documents` (one sample per document, for packing).
@@ -83,14 +86,24 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-class ShardWriter:
-    """Appends samples to shard files of at most `shard_bytes`, then writes index.json last.
+def write_atomic(path: Path, data: bytes) -> None:
+    """A file appears whole or not at all: a crash mid-write leaves the previous file (or none)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
-    Writing the index last is what makes a dataset "complete": readers look for index.json only.
+
+class ShardWriter:
+    """Appends samples to shard files of at most `shard_bytes` named `{prefix}{k:05d}.bin`.
+
+    The index is written last, by whoever holds every writer's shards (`write_index`): it is what makes
+    a dataset "complete", as readers look for index.json only.
     """
 
-    def __init__(self, directory: Path, layout: Layout, seq_len: int, vocab_size: int, shard_bytes: int):
-        self.dir, self.layout, self.seq_len = directory, layout, seq_len
+    def __init__(
+        self, directory: Path, layout: Layout, seq_len: int, vocab_size: int, shard_bytes: int, prefix: str = "shard-"
+    ):
+        self.dir, self.layout, self.seq_len, self.prefix = directory, layout, seq_len, prefix
         self.dtype = np.dtype(token_dtype(vocab_size))
         self.max_tokens = max(seq_len, shard_bytes // self.dtype.itemsize)
         self.shards: list[ShardInfo] = []
@@ -109,14 +122,14 @@ class ShardWriter:
         self.longest = max(self.longest, len(sample))
 
     def _flush(self) -> None:
-        name = f"shard-{len(self.shards):05d}"
+        name = f"{self.prefix}{len(self.shards):05d}"
         tokens = np.concatenate(self._pending)
-        (self.dir / f"{name}.bin").write_bytes(tokens.tobytes())
+        write_atomic(self.dir / f"{name}.bin", tokens.tobytes())
         offsets_file = offsets_sha = None
         if self.layout == "documents":
             offsets = np.concatenate([[0], np.cumsum([len(s) for s in self._pending])]).astype(np.int64)
             offsets_file = f"{name}.idx"
-            (self.dir / offsets_file).write_bytes(offsets.tobytes())
+            write_atomic(self.dir / offsets_file, offsets.tobytes())
             offsets_sha = sha256_file(self.dir / offsets_file)
         self.shards.append(
             ShardInfo(
@@ -131,24 +144,39 @@ class ShardWriter:
         )
         self._pending, self._pending_tokens = [], 0
 
-    def finish(self, tokenizer_sha256: str, tokenizer_vocab_size: int, eos_id: int | None) -> DatasetIndex:
+    def close(self) -> list[ShardInfo]:
+        """Write what is pending; the shards written, in sample order."""
         if self._pending:
             self._flush()
-        index = DatasetIndex(
-            format=FORMAT,
-            version=VERSION,
-            layout=self.layout,
-            dtype=str(self.dtype),  # type: ignore[arg-type]
-            seq_len=self.seq_len if self.layout == "chunks" else self.longest,
-            total_tokens=sum(s.tokens for s in self.shards),
-            total_samples=sum(s.samples for s in self.shards),
-            tokenizer_sha256=tokenizer_sha256,
-            tokenizer_vocab_size=tokenizer_vocab_size,
-            eos_id=eos_id,
-            shards=self.shards,
-        )
-        (self.dir / "index.json").write_text(index.to_json())
-        return index
+        return self.shards
+
+
+def write_index(
+    directory: Path,
+    layout: Layout,
+    seq_len: int,
+    shards: list[ShardInfo],
+    tokenizer_sha256: str,
+    tokenizer_vocab_size: int,
+    eos_id: int | None,
+) -> DatasetIndex:
+    """index.json for `shards` (in sample order); `seq_len`: chunks: every sample's; documents: the longest."""
+    index = DatasetIndex(
+        format=FORMAT,
+        version=VERSION,
+        layout=layout,
+        dtype=token_dtype(tokenizer_vocab_size),
+        seq_len=seq_len,
+        total_tokens=sum(s.tokens for s in shards),
+        total_samples=sum(s.samples for s in shards),
+        tokenizer_sha256=tokenizer_sha256,
+        tokenizer_vocab_size=tokenizer_vocab_size,
+        eos_id=eos_id,
+        shards=shards,
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / "index.json", index.to_json().encode())
+    return index
 
 
 class ShardReader:
