@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import re
 import sys
@@ -609,16 +610,44 @@ def eval(  # noqa: A001 - the command is `longboi eval`
         dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
     """
     from longboi.eval.harness import evaluate, gauntlet_scores, load_gauntlet, load_tasks, write_results
+    from longboi.train.parallelize import anyone
 
     task_list = load_tasks(tasks)
     g = load_gauntlet(gauntlet) if gauntlet else None
-    model, tok = _load(ckpt, dtype)
-    results, skipped = evaluate(model, tok, task_list, data_root, max_seq_len, limit)
+    with _processes() as (d, share):
+        model, tok = _load(ckpt, dtype)
+        model.to(d.device)
+        together = lambda flag: anyone(flag, d)  # noqa: E731  # a file missing on one rank skips the task on all
+        results, skipped = evaluate(model, tok, task_list, data_root, max_seq_len, limit, anyone=together, share=share)
     scores = gauntlet_scores(g, results) if g else None
     precision = _precision_of(model)
-    path = write_results(results, skipped, out or Path(ckpt) / "eval", scores, precision)
-    print((path / "results.md").read_text())
-    return {"results": [r.__dict__ for r in results], "skipped": skipped, "gauntlet": scores, "precision": precision}
+    if d.is_main:
+        path = write_results(results, skipped, out or Path(ckpt) / "eval", scores, precision, d.world_size)
+        print((path / "results.md").read_text())
+    return {
+        "results": [r.__dict__ for r in results],
+        "skipped": skipped,
+        "gauntlet": scores,
+        "precision": precision,
+        "world_size": d.world_size,
+    }
+
+
+@contextlib.contextmanager
+def _processes():
+    """(Dist, Share) of this process: under `torchrun --nproc-per-node N` the N ranks (gloo on CPU, NCCL
+    on GPUs) split the work and gather the results; otherwise one process on its best device."""
+    from longboi.eval.engine import Share
+    from longboi.train.parallelize import all_gather_objects, init_distributed
+
+    d = init_distributed()
+    try:
+        yield d, Share(d.rank, d.world_size, lambda value: all_gather_objects(value, d))
+    finally:
+        if d.enabled:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
 
 def perplexity(
@@ -647,14 +676,19 @@ def perplexity(
     from longboi.eval.perplexity import load_tokens
     from longboi.eval.perplexity import perplexity as run
 
-    model, tok = _load(ckpt, dtype, quantize=quantize)
-    r = run(model, tok, load_tokens(source, tok), seq_len or model.config.max_seq_len, stride, batch_size, max_tokens)
+    with _processes() as (d, share):
+        model, tok = _load(ckpt, dtype, quantize=quantize)
+        model.to(d.device)
+        tokens = load_tokens(source, tok)
+        r = run(model, tok, tokens, seq_len or model.config.max_seq_len, stride, batch_size, max_tokens, share=share)
     precision = _precision_of(model)
-    print(
-        f"{source}: loss {r.loss:.4f} nats/token, perplexity {r.perplexity:.2f}, {r.bits_per_byte:.4f} bits/byte "
-        f"over {r.tokens:,} tokens ({r.tokens_per_s:,.0f} tokens/s, {precision})"
-    )
-    return r.__dict__ | {"tokens_per_s": r.tokens_per_s, "precision": precision}
+    if d.is_main:
+        print(
+            f"{source}: loss {r.loss:.4f} nats/token, perplexity {r.perplexity:.2f}, {r.bits_per_byte:.4f} bits/byte "
+            f"over {r.tokens:,} tokens ({r.tokens_per_s:,.0f} tokens/s, {precision}"
+            f"{f', {d.world_size} processes' if d.enabled else ''})"
+        )
+    return r.__dict__ | {"tokens_per_s": r.tokens_per_s, "precision": precision, "world_size": d.world_size}
 
 
 def serve(

@@ -130,7 +130,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one server: fsspec caches its clients, endpoint included
 def s3(tmp_path_factory):
     port = _free_port()
     moto = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"

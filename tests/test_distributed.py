@@ -324,3 +324,129 @@ def test_icl_tasks_run_on_every_rank_together_when_their_clocks_disagree(tmp_pat
     rank0, rank1 = (json.loads(Path(f"{out}.{r}").read_text()) for r in range(2))
     assert rank0["ran"] == rank1["ran"] == ["piqa"]
     assert rank0["skipped"] == rank1["skipped"] == ["lambada (time budget 150s spent)"]
+
+
+# -- evaluation split across ranks -------------------------------------------------------------------
+
+EVAL_TASKS = """icl_tasks:
+- {label: piqa, dataset_uri: commonsense_reasoning/piqa.jsonl, num_fewshot: [0, 1], icl_task_type: multiple_choice,
+   continuation_delimiter: "\\nAnswer: "}
+- {label: lambada, dataset_uri: language_understanding/lambada_openai.jsonl, num_fewshot: [0],
+   icl_task_type: language_modeling}
+- {label: winograd, dataset_uri: language_understanding/winograd_wsc.jsonl, num_fewshot: [0], icl_task_type: schema}
+- {label: gen, dataset_uri: gen.jsonl, num_fewshot: [0], icl_task_type: generation_task_with_answers,
+   continuation_delimiter: "", do_normalization: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def eval_setup(tmp_path_factory):
+    """A trained checkpoint (real margins: ranks batch differently, and near-ties would flip), the tasks
+    (every type) and a generation task whose answers are what this model says for a third of its rows."""
+    from conftest import SHARED, TOKENIZER, trained
+
+    from longboi.checkpoint import save_checkpoint
+    from longboi.eval.engine import greedy_generate
+    from longboi.eval.tasks import TaskBuilder, TaskConfig
+    from longboi.tokenizer import Tokenizer
+
+    d = tmp_path_factory.mktemp("eval")
+    tok = Tokenizer(TOKENIZER)
+    model = trained(tok, steps=40)
+    save_checkpoint(model, d / "ck", tok)
+    root = d / "data"
+    for sub in ("commonsense_reasoning", "language_understanding"):
+        (root / sub).mkdir(parents=True)
+        for f in (SHARED / "eval" / "local_data" / sub).glob("*.jsonl"):
+            (root / sub / f.name).symlink_to(f)
+    text = (SHARED / "text" / "tinyshakespeare.txt").read_text()[200_000:]
+    rows = [{"context": text[i * 997 : i * 997 + 90], "answer": "qqqq zzzz"} for i in range(24)]
+    cfg = TaskConfig("gen", "gen.jsonl", "generation_task_with_answers", continuation_delimiter="")
+    builder = TaskBuilder(cfg, tok, rows, 0)
+    said = greedy_generate(model, tok, [e.prompt for e in builder.examples()], [], builder.max_answer_tokens(), 128)
+    right = [i for i in range(0, 24, 3) if said[i].strip()]  # this model's words as the answer of some rows
+    for i in right:
+        rows[i]["answer"] = said[i].strip()
+    (root / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "tasks.yaml").write_text(EVAL_TASKS)
+    return d, len(right) / len(rows)
+
+
+def test_torchrun_eval_splits_every_task_type_and_reports_one_process_numbers(eval_setup):
+    d, gen_accuracy = eval_setup
+    common = ["eval", str(d / "ck"), "--tasks", str(d / "tasks.yaml"), "--data-root", str(d / "data")]
+    common += ["--dtype", "fp32", "--limit", "30"]
+    assert main([*common, "--out", str(d / "one")]) == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "longboi"]
+    proc = subprocess.run([*launcher, *common, "--out", str(d / "two")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((d / o / "results.json").read_text()) for o in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and one["skipped"] == two["skipped"] == []
+    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    assert [strip(t) for t in two["tasks"]] == [strip(t) for t in one["tasks"]]
+    kinds = {t["task_type"] for t in one["tasks"]}
+    assert kinds == {"multiple_choice", "language_modeling", "schema", "generation_task_with_answers"}
+    gen = next(t for t in one["tasks"] if t["label"] == "gen")
+    assert 0 < gen["accuracy"] == gen_accuracy < 0.5  # the rows answered with the model's own words
+    assert "Evaluated by 2 processes" in (d / "two" / "results.md").read_text()
+
+
+def test_torchrun_perplexity_equals_one_process(eval_setup, capsys):
+    from conftest import SHARED
+
+    d, _ = eval_setup
+    args = ["perplexity", str(d / "ck"), str(SHARED / "text" / "tinyshakespeare.txt"), "--seq-len", "200"]
+    args += ["--max-tokens", "6000", "--batch-size", "2", "--dtype", "fp32"]
+    assert main(args) == 0
+    one = capsys.readouterr().out.strip().splitlines()[-1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "longboi"]
+    proc = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [x for x in proc.stdout.splitlines() if "perplexity" in x]
+    assert len(two) == 1 and "2 processes" in two[0]  # rank 0 reports
+    numbers = lambda line: line.split(" (")[0]  # noqa: E731  # loss, perplexity, bits/byte, tokens
+    assert numbers(two[0]) == numbers(one)
+
+
+ICL_SPLIT = """
+import json, sys, torch
+from longboi.checkpoint import load_model
+from longboi.eval.engine import Share
+from longboi.eval.harness import evaluate, load_tasks
+from longboi.tokenizer import Tokenizer
+from longboi.train.parallelize import all_gather_objects, anyone, full_weights, init_distributed, parallelize
+
+ck, tasks, data_root, out = sys.argv[1:5]
+d = init_distributed("cpu")
+model = load_model(ck, dtype=torch.float32)
+parallelize(model, d, "fsdp", False, False, False)
+tok, calls = Tokenizer(f"{ck}/tokenizer.json"), [0]
+model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+run = lambda **kw: evaluate(model, tok, load_tasks(tasks), data_root, limit=30, anyone=lambda f: anyone(f, d), **kw)
+together, _ = run()  # every rank runs every example, in step (each forward all-gathers)
+in_step, calls[0] = calls[0], 0
+with full_weights(model):
+    split, _ = run(share=Share(d.rank, d.world_size, lambda v: all_gather_objects(v, d)))
+loss = model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[2, 3, 4]]))  # training goes on sharded
+loss.backward()
+strip = lambda rs: [{k: v for k, v in r.__dict__.items() if k != "seconds"} for r in rs]
+with open(f"{out}.{d.rank}", "w") as f:
+    json.dump({"together": strip(together), "split": strip(split), "calls": [in_step, calls[0]]}, f)
+"""
+
+
+def test_live_icl_under_fsdp_splits_the_work_and_keeps_the_scores(eval_setup, tmp_path):
+    """Live evaluation in an FSDP run: with the weights gathered for the evaluation, each rank scores
+    its share (fewer forwards than running in step) and the scores are those of running in step."""
+    d, _ = eval_setup
+    script, out = tmp_path / "split.py", tmp_path / "icl"
+    script.write_text(ICL_SPLIT)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    args = [str(d / "ck"), str(d / "tasks.yaml"), str(d / "data"), str(out)]
+    proc = subprocess.run([*launcher, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["split"] == r["together"] == ranks[0]["together"]
+        in_step, split = r["calls"]
+        assert split < 0.7 * in_step, r["calls"]  # about half the forwards each (the split is by tokens)

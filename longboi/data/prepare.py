@@ -391,20 +391,8 @@ def prepare(
     )  # fmt: skip
     local_out, remote = _local_output(out, part)
     report = PrepareReport(files=len(files))
-    start = time.perf_counter()
-    outputs = {}
-    with (
-        _tokenizer_map(tok, workers) as tokenize,
-        tqdm(total=sum(sizes[g] for g in mine), unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True) as bar,
-    ):
-        run = functools.partial(
-            _prepare_group, tok=tok, meta=meta, out=local_out, tokenize=tokenize, settings=settings, report=report
-        )
-        for g in mine:
-            outputs[g] = run(g, groups[g])
-            bar.update(sizes[g])
-            bar.set_postfix(tok_s=f"{report.tokens_read / max(time.perf_counter() - start, 1e-9):,.0f}")
-    report.seconds = time.perf_counter() - start
+    run = functools.partial(_prepare_group, tok=tok, meta=meta, out=local_out, settings=settings, report=report)
+    outputs = _prepare_groups(run, {g: groups[g] for g in mine}, sizes, tok, workers, report)
     if part is not None:
         write_record(local_out / "parts", index, parts, meta, outputs, asdict(report))
     else:
@@ -416,6 +404,22 @@ def prepare(
     if remote:
         _upload(local_out, out)
     return report
+
+
+def _prepare_groups(run, mine: dict, sizes: list[int], tok: Tokenizer, workers: int, report: PrepareReport) -> dict:
+    """Run `run(g, pieces, tokenize=...)` for each of this part's groups in order, with a progress bar."""
+    start = time.perf_counter()
+    outputs = {}
+    with (
+        _tokenizer_map(tok, workers) as tokenize,
+        tqdm(total=sum(sizes[g] for g in mine), unit="B", unit_scale=True, desc="prepare", dynamic_ncols=True) as bar,
+    ):
+        for g, pieces in mine.items():
+            outputs[g] = run(g, pieces, tokenize=tokenize)
+            bar.update(sizes[g])
+            bar.set_postfix(tok_s=f"{report.tokens_read / max(time.perf_counter() - start, 1e-9):,.0f}")
+    report.seconds = time.perf_counter() - start
+    return outputs
 
 
 def _prepare_group(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,36 @@ import torch.nn.functional as F
 from longboi.generate import SamplingParams, generate_from_ids
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
+
+
+def _alone(value: Any) -> list:
+    return [value]
+
+
+@dataclass(frozen=True)
+class Share:
+    """Which examples this process scores, and how every process's outcomes meet. One process by
+    default; under torchrun each rank takes its share of every task (balanced by tokens) and `gather`
+    (an all-gather of picklable objects) hands everyone's outcomes to all, so all ranks report the same
+    scores, computed in example order as one process computes them."""
+
+    rank: int = 0
+    world_size: int = 1
+    gather: Callable[[Any], list] = _alone
+
+
+ALONE = Share()
+
+
+def balanced(costs: list[int], ranks: int) -> list[list[int]]:
+    """Indices per rank: the costliest first, each to the least-loaded rank (ties: the lower rank), so
+    loads differ by at most one example's cost; each rank's list in index order. The same on every rank."""
+    loads, out = [0] * ranks, [[] for _ in range(ranks)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(ranks), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += costs[i]
+    return [sorted(x) for x in out]
 
 
 @dataclass(frozen=True)

@@ -12,15 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from tqdm import tqdm
 
 from longboi.config import from_dict
 from longboi.errors import UserError
-from longboi.eval.engine import greedy_generate, loglikelihoods
-from longboi.eval.tasks import TaskBuilder, TaskConfig, generation_correct, read_rows
+from longboi.eval.engine import ALONE, Share, balanced, greedy_generate, loglikelihoods
+from longboi.eval.tasks import Example, TaskBuilder, TaskConfig, generation_correct, read_rows
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 
@@ -56,43 +56,66 @@ def run_task(
     k: int,
     max_seq_len: int,
     batch_tokens: int = 8192,
+    share: Share = ALONE,
 ) -> tuple[float, float | None, int]:
     """(accuracy, summed-logprob accuracy or None, examples) of one task partition at k shots."""
     builder = TaskBuilder(cfg, tok, rows, k)
     examples = builder.examples()
     seq_len = cfg.max_seq_len or max_seq_len
+    generating = cfg.kind == "generation_task_with_answers"
+    answer_tokens = builder.max_answer_tokens() if generating else 0
+    costs = [
+        len(e.prompt) + answer_tokens + sum(len(r.context) + len(r.continuation) for r in e.requests) for e in examples
+    ]
+    mine = balanced(costs, share.world_size)[share.rank]
+    outcomes = _outcomes(model, tok, cfg, [examples[i] for i in mine], seq_len, batch_tokens, answer_tokens)
+    everyone: dict[int, Any] = {}
+    for part in share.gather(dict(zip(mine, outcomes))):
+        everyone.update(part)
+    ordered = [everyone[i] for i in range(len(examples))]
+    if generating:
+        return sum(ordered) / len(ordered), None, len(examples)
+    if cfg.kind == "language_modeling":
+        flags = [f for o in ordered for f in o]
+        return sum(flags) / len(flags), None, len(examples)
+    return sum(o[0] for o in ordered) / len(ordered), sum(o[1] for o in ordered) / len(ordered), len(examples)
+
+
+def _outcomes(
+    model: MPTForCausalLM,
+    tok: Tokenizer,
+    cfg: TaskConfig,
+    examples: list[Example],
+    seq_len: int,
+    batch_tokens: int,
+    answer_tokens: int,
+) -> list:
+    """Per example: generation: correct; language modeling: the greedy flag of each request; multiple
+    choice and schema: (right by mean token loss, right by summed log-likelihood)."""
     requests = sum(len(e.requests) for e in examples) or len(examples)
-    bar = tqdm(total=requests, desc=f"{cfg.label} {k}-shot", unit="req", leave=False)
+    bar = tqdm(total=requests, desc=f"{cfg.label}", unit="req", leave=False)
     if cfg.kind == "generation_task_with_answers":
         stops = list(cfg.early_stopping_criteria or [])
-        outputs = greedy_generate(
-            model,
-            tok,
-            [e.prompt for e in examples],
-            stops,
-            builder.max_answer_tokens(),
-            seq_len,
-            batch_size=cfg.batch_size or 8,
-        )
+        prompts = [e.prompt for e in examples]
+        texts = greedy_generate(model, tok, prompts, stops, answer_tokens, seq_len, batch_size=cfg.batch_size or 8)
         bar.close()
-        correct = [
-            generation_correct(o, e.answers, stops, cfg.cot_delimiter, cfg.do_normalization)
-            for o, e in zip(outputs, examples)
+        return [
+            generation_correct(t, e.answers, stops, cfg.cot_delimiter, cfg.do_normalization)
+            for t, e in zip(texts, examples)
         ]
-        return sum(correct) / len(correct), None, len(examples)
     flat = [r for e in examples for r in e.requests]
     results = loglikelihoods(model, flat, seq_len, batch_tokens, progress=bar.update)
     bar.close()
-    if cfg.kind == "language_modeling":
-        return sum(r.greedy for r in results) / len(results), None, len(examples)
-    mean_ok = sum_ok = 0
-    at = 0
+    out, at = [], 0
     for e in examples:
         scored = results[at : at + len(e.requests)]
         at += len(e.requests)
-        mean_ok += _argmax([r.logprob / r.n_tokens for r in scored]) == e.gold  # LLM Foundry's rule
-        sum_ok += _argmax([r.logprob for r in scored]) == e.gold
-    return mean_ok / len(examples), sum_ok / len(examples), len(examples)
+        if cfg.kind == "language_modeling":
+            out.append(tuple(r.greedy for r in scored))
+        else:
+            mean = _argmax([r.logprob / r.n_tokens for r in scored]) == e.gold  # LLM Foundry's rule
+            out.append((mean, _argmax([r.logprob for r in scored]) == e.gold))
+    return out
 
 
 def _argmax(values: list[float]) -> int:
@@ -109,12 +132,15 @@ def evaluate(
     time_budget_s: float | None = None,
     anyone: Callable[[bool], bool] = bool,
     clock: Callable[[], float] = time.perf_counter,
+    share: Share = ALONE,
 ) -> tuple[list[TaskResult], list[str]]:
     """Run every (task, num_fewshot); returns results and what was skipped (missing file, time budget).
 
-    Under FSDP every rank runs this together (each forward all-gathers weights), so a task must be run
-    or skipped on all of them: `anyone(flag)` is True on every rank when it is True on any (training
-    passes a collective), whatever each rank's clock or filesystem says.
+    Several processes (torchrun, or the ranks of a training run) each score their `share` of every
+    task and gather the outcomes, so every rank returns the same results; under FSDP the caller holds
+    the full weights meanwhile (`parallelize.full_weights`), so a rank's forwards wait for no peer. A
+    task must be run or skipped on all ranks together: `anyone(flag)` is True on every rank when it is
+    True on any (a collective), whatever each rank's clock or filesystem says.
     """
     model.eval()
     seq_len = max_seq_len or model.config.max_seq_len
@@ -132,7 +158,9 @@ def evaluate(
         partitions = _partitions(rows, cfg, path)
         for k in cfg.num_fewshot:
             start = time.perf_counter()
-            scores = {name: run_task(model, tok, cfg, part, k, seq_len) for name, part in partitions.items()}
+            scores = {
+                name: run_task(model, tok, cfg, part, k, seq_len, share=share) for name, part in partitions.items()
+            }
             acc = sum(s[0] for s in scores.values()) / len(scores)  # macro-mean over categories
             sums = [s[1] for s in scores.values() if s[1] is not None]
             results.append(
@@ -164,12 +192,15 @@ def write_results(
     out: str | Path,
     gauntlet: dict[str, float] | None = None,
     precision: str | None = None,
+    world_size: int = 1,
 ) -> Path:
-    """results.json and results.md; `precision` (fp32, bf16, ...) is recorded because scores depend on it."""
+    """results.json and results.md; `precision` (fp32, bf16, ...) is recorded because scores depend on it,
+    `world_size` because the seconds do (the scores do not)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"tasks": [r.__dict__ for r in results], "skipped": skipped, "gauntlet": gauntlet or {}}
     payload["precision"] = precision
+    payload["world_size"] = world_size
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         "| task | shots | type | accuracy | acc (sum logprob) | examples | ex/s |",
@@ -183,6 +214,8 @@ def write_results(
         )
     if precision:
         lines += ["", f"Precision: {precision} (scores depend on it; `--dtype fp32` reproduces across machines)"]
+    if world_size > 1:
+        lines += ["", f"Evaluated by {world_size} processes, each scoring its share of every task."]
     if gauntlet:
         lines += ["", "| gauntlet | score |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in gauntlet.items()]
     if skipped:

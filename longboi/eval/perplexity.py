@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from longboi.errors import UserError
+from longboi.eval.engine import ALONE, Share
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 
@@ -60,8 +61,10 @@ def perplexity(
     batch_size: int = 4,
     max_tokens: int | None = None,
     progress: bool = True,
+    share: Share = ALONE,
 ) -> PerplexityResult:
-    """Score every token after the first with up to seq_len - 1 tokens of context."""
+    """Score every token after the first with up to seq_len - 1 tokens of context. Several processes
+    (`share`) each score every world_size-th batch and gather the sums: the same result, sooner."""
     stride = stride or seq_len - 1  # windows overlap by one token, so each window's first target has context
     if not 0 < stride < seq_len:
         raise UserError(f"stride must be in (0, seq_len={seq_len}), got {stride}")
@@ -79,20 +82,37 @@ def perplexity(
         scored_to = end
         if end == len(tokens):
             break
-    nats, count, begin = 0.0, 0, time.perf_counter()
-    for i in tqdm(range(0, len(windows), batch_size), desc="perplexity", disable=not progress):
-        group = windows[i : i + batch_size]
-        width = max(e - s for s, e, _ in group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        for row, (s, e, _) in enumerate(group):
-            ids[row, : e - s] = torch.from_numpy(tokens[s:e].astype(np.int64))
-        ids = ids.to(device)
-        logits = model(ids[:, :-1])
-        for row, (s, e, first) in enumerate(group):
-            targets = ids[row, first : e - s]
-            nats += float(F.cross_entropy(logits[row, first - 1 : e - s - 1].float(), targets, reduction="sum"))
-            count += len(targets)
+    begin = time.perf_counter()
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    mine = range(share.rank, len(batches), share.world_size)  # round robin: the batches one process forms
+    scored = {}
+    for j in tqdm(mine, desc="perplexity", disable=not progress):
+        scored[j] = _score_batch(model, tokens, batches[j], device)
+    everyone: dict[int, list[tuple[float, int]]] = {}
+    for part in share.gather(scored):
+        everyone.update(part)
+    nats, count = 0.0, 0
+    for j in range(len(batches)):  # summed in window order, as one process sums: the same float
+        for window_nats, n in everyone[j]:
+            nats += window_nats
+            count += n
     seconds = time.perf_counter() - begin
     text_bytes = len(tok.decode(tokens[1:].tolist(), skip_special_tokens=False).encode())
     loss = nats / count
     return PerplexityResult(loss, math.exp(min(loss, 50)), nats / math.log(2) / max(text_bytes, 1), count, seconds)
+
+
+def _score_batch(model: MPTForCausalLM, tokens: np.ndarray, group: list, device) -> list[tuple[float, int]]:
+    """(nats, scored tokens) of each window of one batch."""
+    width = max(e - s for s, e, _ in group)
+    ids = torch.zeros(len(group), width, dtype=torch.long)
+    for row, (s, e, _) in enumerate(group):
+        ids[row, : e - s] = torch.from_numpy(tokens[s:e].astype(np.int64))
+    ids = ids.to(device)
+    logits = model(ids[:, :-1])
+    out = []
+    for row, (s, e, first) in enumerate(group):
+        targets = ids[row, first : e - s]
+        nats = F.cross_entropy(logits[row, first - 1 : e - s - 1].float(), targets, reduction="sum")
+        out.append((float(nats), len(targets)))
+    return out

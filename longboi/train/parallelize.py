@@ -13,6 +13,7 @@ Activation checkpointing recomputes each block in backward; `torch.compile` comp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -104,6 +105,38 @@ def from_rank0(value, d: Dist):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_objects(value, d: Dist) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not d.enabled:
+        return [value]
+    out: list = [None] * d.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
+@contextlib.contextmanager
+def full_weights(model: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP2, every rank holds all the weights inside the block (one all-gather per sharded module
+    on entry): forwards then run no collective, so ranks can do different work, e.g. each scoring its
+    own share of an evaluation. The memory is a DDP replica's for the block. Nothing to do otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not sharded:
+        yield
+        return
+    sharded[0].set_reshard_after_forward(False)  # recursive; PyTorch's documented way to run evals
+    for m in sharded:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in sharded:
+            m.reshard()
+        sharded[0].set_reshard_after_forward(True)  # as fully_shard left the blocks; the root keeps
+        sharded[0].set_reshard_after_forward(False, recurse=False)  # its weights, as FSDP sets roots
 
 
 def parallelize(

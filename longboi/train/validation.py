@@ -16,7 +16,7 @@ from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 from longboi.train.config import TrainConfig
 from longboi.train.monitor import Metrics
-from longboi.train.parallelize import Dist, all_reduce_mean, anyone
+from longboi.train.parallelize import Dist, all_gather_objects, all_reduce_mean, anyone, full_weights
 
 
 @torch.no_grad()
@@ -37,11 +37,13 @@ def evaluate(
             "unigram_val_bpb": baseline[1],
         }
         metrics.log("eval", step, **results)
-    if cfg.eval.icl_tasks:  # in-context-learning tasks; every rank runs them (FSDP), rank 0 logs
+    if cfg.eval.icl_tasks:  # in-context-learning tasks: each rank scores its share, rank 0 logs
+        from longboi.eval.engine import Share
         from longboi.eval.harness import evaluate as run_icl
         from longboi.eval.harness import load_tasks
 
-        with autocast:
+        share = Share(d.rank, d.world_size, lambda value: all_gather_objects(value, d))
+        with autocast, full_weights(model):  # FSDP: whole weights on each rank, so ranks need not run in step
             icl, skipped = run_icl(
                 model,
                 tok,
@@ -50,6 +52,7 @@ def evaluate(
                 limit=cfg.eval.icl_limit,
                 time_budget_s=cfg.eval.icl_time_budget_s,
                 anyone=lambda flag: anyone(flag, d),  # ranks' clocks differ: they skip or run a task together
+                share=share,
             )
         scores = {f"{r.label}/{r.num_fewshot}-shot": r.accuracy for r in icl}
         metrics.log("icl", step, **scores, seconds=sum(r.seconds for r in icl), skipped=skipped)
