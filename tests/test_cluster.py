@@ -1,6 +1,7 @@
 """Beyond one machine's launcher, for real: two torchrun agents rendezvousing over loopback (c10d), an
 elastic restart after a SIGKILLed worker, and launch/slurm/train.sbatch on a real one-node Slurm."""
 
+import json
 import os
 import signal
 import socket
@@ -196,3 +197,46 @@ def test_sbatch_trains_and_survives_a_time_limit_warning_and_a_requeue_bit_ident
     )  # fmt: skip
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert_bit_identical(final_weights(run), final_weights(tmp_path / "ref"))
+
+
+def test_sbatch_array_prepares_in_parts_and_a_dependent_job_merges_them_byte_identical(tmp_path, slurm):
+    """`sbatch --array=0-2 launch/slurm/prepare.sbatch ...` then a merge job that waits for the whole
+    array (afterok): the dataset equals one process's byte for byte."""
+    from test_prepare_parts import OPTIONS, files_of
+
+    from longboi.data.prepare import prepare
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    text = (ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt").read_text()
+    (inputs / "plays.jsonl").write_text("".join(f'{{"text": {json.dumps(s)}}}\n' for s in text.split("\n\n")))
+    (inputs / "part00").write_text(text[:50_000])
+    tokenizer = ROOT.parent / "shared" / "data" / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+    options = ["--tokenizer", str(tokenizer), "--seq-len", "64", "--val-fraction", "0.05", "--shard-mb", "0.02"]
+    options += ["--group-mb", "0.1"]
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    sbatch = ["sbatch", "--parsable", f"--chdir={tmp_path}"]
+    array = subprocess.run(
+        [*sbatch, "--array=0-2", str(ROOT / "launch" / "slurm" / "prepare.sbatch"), str(inputs),
+         "--out", str(tmp_path / "out"), *options],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert array.returncode == 0, array.stderr
+    job = array.stdout.strip().split(";")[0]
+    merge = subprocess.run(
+        [*sbatch, f"--dependency=afterok:{job}", "--kill-on-invalid-dep=yes", f"--output={tmp_path}/merge.out",
+         "--wrap", f"longboi merge-index {tmp_path / 'out'}"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert merge.returncode == 0, merge.stderr
+    merged = merge.stdout.strip().split(";")[0]
+    assert wait_state(slurm, merged, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", [
+        p.read_text()[-2000:] for p in tmp_path.glob("*.out")
+    ]
+    logs = sorted(tmp_path.glob("longboi-prepare-*.out"))
+    assert len(logs) == 3 and all(f"part {i} of 3" in p.read_text() for i, p in enumerate(logs))
+    records = sorted(p.name for p in (tmp_path / "out" / "parts").iterdir())
+    assert records == [f"part-{i:05d}-of-00003.json" for i in range(3)]
+    prepare([str(inputs)], str(tmp_path / "one"), str(tokenizer), **(OPTIONS | {"on_bad_input": "error"}))
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "one")
+    assert "merged: the parts read 2 files" in (tmp_path / "merge.out").read_text()
