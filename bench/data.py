@@ -8,7 +8,10 @@
 - time to the first batch when resuming at sample 0 vs deep into the stream (should be flat);
 - `locate` (global index -> source, sample) per sample on a 2-source mix: the per-window plan cache
   against the earlier code (`locate_uncached` below: plan rebuilt and shuffled for every sample),
-  checked to give the same answers.
+  checked to give the same answers;
+- `prepare --part I/N` for N = 1, 2, 4 parts run side by side as separate `longboi` processes (as an
+  array job runs them, one core's worth of tokenizer threads each), and the `merge-index` that ends
+  them: wall time, tokens/s, and the merged index checked equal to one process's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,7 +72,11 @@ def main() -> None:
     args = parser.parse_args()
     mib = sum(p.stat().st_size for p in INPUTS) / 2**20
     docs = [d for p in INPUTS for d in p.read_text().split(SPLIT) if d.strip()]
-    results: dict = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "input_mib": mib}
+    import torch
+
+    cpu = torch.backends.cpu.get_cpu_capability()
+    machine = {"cores": os.cpu_count(), "python": sys.version.split()[0], "cpu": cpu}
+    results: dict = {"machine": machine, "input_mib": mib}
     tmp = Path(tempfile.mkdtemp(prefix="longboi-bench-"))
 
     peer = HFTokenizer.from_file(str(TOKENIZER))
@@ -131,9 +139,55 @@ def main() -> None:
         per = (time.perf_counter() - start) / len(indices)
         results[f"locate_{name}_us"] = 1e6 * per
         print(f"{'locate per sample, ' + name + ' (us)':<40}{1e6 * per:>30,.1f}")
+    results["parts"] = parts_scaling(tmp, docs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
+
+
+def parts_scaling(tmp: Path, docs: list[str], copies: int = 4) -> dict:
+    """N parts side by side, each a `longboi prepare --part I/N` process with cores/N tokenizer threads,
+    then merge-index; the corpus is the documents as one jsonl, `copies` times (about 7 MiB), in groups
+    of 0.5 MiB so there is work for every part."""
+    from longboi.data.prepare import merge
+
+    corpus = tmp / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * copies))
+    mib = corpus.stat().st_size / 2**20
+    common = [str(corpus), "--tokenizer", str(TOKENIZER), "--seq-len", "256", "--val-fraction", "0.05"]
+    common += ["--group-mb", "0.5"]
+    cores = os.cpu_count() or 1
+    out: dict = {"input_mib": mib, "group_mb": 0.5, "cores": cores}
+    print(f"\n# prepare in parts: {mib:.1f} MiB jsonl, {cores} cores; parts run side by side")
+    print(f"{'parts':<8}{'threads each':>13}{'wall s':>9}{'merge s':>9}{'tokens/s':>12}{'vs 1 thread':>13}")
+    reference = None
+    for n, threads in ((1, 1), (1, cores), (2, max(1, cores // 2)), (4, max(1, cores // 4))):
+        target = tmp / f"parts{n}x{threads}"
+        env = {**os.environ, "RAYON_NUM_THREADS": str(threads)}  # the tokenizer's threads: cores split between parts
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "longboi", "prepare", *common, "--out", str(target), "--part", f"{i}/{n}"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            for i in range(n)
+        ]
+        assert all(p.wait() == 0 for p in procs), f"a part of {n} failed"
+        wall = time.perf_counter() - start
+        start = time.perf_counter()
+        report = merge(str(target))
+        merge_s = time.perf_counter() - start
+        index = (target / "train" / "index.json").read_bytes()
+        reference = reference or (wall, index)
+        assert index == reference[1], f"{n} parts merged differ from 1 part"
+        tok_s, speedup = report.tokens_read / wall, reference[0] / wall
+        key = f"{n}_parts_{threads}_threads"
+        out[key] = {"parts": n, "threads": threads, "wall_s": wall, "merge_s": merge_s, "tok_s": tok_s}
+        out[key]["speedup"] = speedup
+        print(f"{n:<8}{threads:>13}{wall:>9.2f}{merge_s:>9.3f}{tok_s:>12,.0f}{speedup:>12.2f}x")
+    return out
 
 
 if __name__ == "__main__":
