@@ -58,7 +58,7 @@ def run_parts(inputs, out, tokenizer_path, n, only=None, **changes) -> None:
 def test_parts_merged_are_byte_identical_to_one_process(inputs, single, tokenizer_path, tmp_path, n):
     out, report = single
     assert report.skipped == 2 and (out / "val" / "index.json").is_file()
-    run_parts(inputs, tmp_path / "out", tokenizer_path, n)
+    run_parts(inputs, tmp_path / "out", tokenizer_path, n, workers=n - 1)  # tokenizer processes change nothing
     records = sorted((tmp_path / "out" / "parts").iterdir())
     assert [p.name for p in records] == [f"part-{i:05d}-of-{n:05d}.json" for i in range(n)]
     assert not (tmp_path / "out" / "train" / "index.json").exists()  # not a dataset until merged
@@ -136,7 +136,10 @@ def test_merge_refuses_parts_of_different_runs_and_a_truncated_shard(inputs, tok
     assert "no part records" in capsys.readouterr().err
 
 
-def test_part_spec_is_checked():
+def test_part_spec_and_group_size_are_checked(inputs, tokenizer_path, tmp_path):
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(UserError, match="group_mb must be a positive number"):
+            prepare([str(inputs)], str(tmp_path / "o"), str(tokenizer_path), **(OPTIONS | {"group_mb": bad}))
     assert part_spec("3/4") == (3, 4) and part_spec(" 0 / 1 ") == (0, 1)
     for bad in ("4/4", "1", "-1/2", "a/b", "0/0"):
         with pytest.raises(UserError, match="--part"):

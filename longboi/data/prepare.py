@@ -16,6 +16,7 @@ import glob
 import gzip
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -372,8 +373,8 @@ def prepare(
         raise UserError(f"seq_len must be at least 2, got {seq_len}")
     if not 0 <= val_fraction < 1:
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    if not group_mb > 0:
-        raise UserError(f"group_mb must be positive, got {group_mb}")
+    if not (math.isfinite(group_mb) and group_mb > 0):
+        raise UserError(f"group_mb must be a positive number of MiB, got {group_mb}")
     tok = Tokenizer(tokenizer)
     files = expand_inputs(inputs)
     groups = plan_groups(files, [_kind(f) for f in files], max(1, int(group_mb * 2**20)))
