@@ -6,6 +6,7 @@
 #   echo /.gpu/ >> .git/info/exclude; mkdir -p .gpu/shared/data/text .gpu/shared/data/tokenizers
 #   cp ../shared/data/text/tinyshakespeare.txt .gpu/shared/data/text/
 #   cp -r ../shared/data/tokenizers/gpt-neox-20b .gpu/shared/data/tokenizers/
+#   mkdir -p .gpu/shared/data/eval && cp -r ../shared/data/eval/tests_local_data .gpu/shared/data/eval/
 # then run `bash bench/gpu.sh` there with `.gpu` carried. ../shared does not travel; this links it.
 set -uo pipefail
 OUT=${OUT:-bench/results}

@@ -255,11 +255,12 @@ def generate(
     dtype: Precision = "auto",
     quantize: Quantize = "none",
     allow_pickle: bool = False,
+    device: str = "auto",
 ) -> str:
     """Generate a completion of a prompt, streaming it to stdout.
 
     Args:
-        ckpt: checkpoint directory (longboi or HF MPT).
+        ckpt: a checkpoint (longboi or HF MPT), run (its final/) or LoRA adapter directory.
         prompt: the prompt text.
         prompt_file: read the prompt from this file instead.
         max_new_tokens: most tokens to generate.
@@ -272,11 +273,13 @@ def generate(
         dtype: weights/compute dtype: auto (bf16 where the device computes it natively, else fp32), fp32, bf16.
         quantize: int8: int8 weights for the linear layers and LM head (CPU decoding, ~3x fp32 on mpt-125m).
         allow_pickle: allow loading .bin/.pt weights (pickle can run code: trusted files only).
+        device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.
     """
     from longboi.generate import SamplingParams, stream
+    from longboi.inference import load_for_inference
 
     text = _read_prompt(prompt, prompt_file)
-    model, tok = _load(ckpt, dtype, allow_pickle, quantize)
+    model, tok = load_for_inference(ckpt, dtype, quantize, device, allow_pickle)
     _note_long_prompt(model.config, len(tok.encode(text)))
     params = SamplingParams(
         max_new_tokens=max_new_tokens,
@@ -326,7 +329,9 @@ def convert(
 def _export_for_runtime(src: str, dst: str, to: Literal["gguf", "onnx"], outtype: str) -> Path:
     if to == "onnx" and outtype != "f32":
         raise UserError(f"--outtype {outtype} is for gguf; the ONNX export is f32 (onnxruntime's tools quantize it)")
-    model, tok = _load_for_serving(_serving_source(src), "fp32")
+    from longboi.inference import load_for_inference
+
+    model, tok = load_for_inference(src, "fp32", device="cpu")  # exporters read CPU fp32 weights
     if to == "gguf":
         from longboi.export.gguf import export_gguf
 
@@ -475,11 +480,12 @@ def chat(
     seed: int | None = None,
     dtype: Precision = "auto",
     quantize: Quantize = "none",
+    device: str = "auto",
 ) -> None:
     """Chat with a checkpoint: a REPL on a terminal, or one user message per stdin line for scripting.
 
     Args:
-        ckpt: checkpoint directory (a chat-finetuned model answers best).
+        ckpt: a checkpoint, run or LoRA adapter directory (a chat-finetuned model answers best).
         system: a system prompt for the conversation.
         max_new_tokens: longest reply.
         temperature: sampling temperature; 0 means greedy.
@@ -488,11 +494,13 @@ def chat(
         seed: random seed, for reproducible replies.
         dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
         quantize: int8: int8 weights for the linear layers and LM head (faster CPU decoding).
+        device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.
     """
     from longboi.chat import ChatSession
     from longboi.generate import SamplingParams
+    from longboi.inference import load_for_inference
 
-    model, tok = _load(ckpt, dtype, quantize=quantize)
+    model, tok = load_for_inference(ckpt, dtype, quantize, device)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     session = ChatSession(model, tok, params, system)
     interactive = sys.stdin.isatty()
@@ -596,6 +604,7 @@ def eval(  # noqa: A001 - the command is `longboi eval`
     max_seq_len: int | None = None,
     limit: int | None = None,
     dtype: Precision = "auto",
+    device: str = "auto",
 ) -> dict:
     """Run in-context-learning tasks (LLM Foundry's task YAML and jsonl format) on a checkpoint.
 
@@ -608,15 +617,17 @@ def eval(  # noqa: A001 - the command is `longboi eval`
         max_seq_len: context length for the tasks (default: the model's max_seq_len).
         limit: evaluate only the first N examples of each task (quick checks).
         dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
+        device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; under torchrun
+            each rank takes its own GPU (cuda:LOCAL_RANK) or the CPU.
     """
     from longboi.eval.harness import evaluate, gauntlet_scores, load_gauntlet, load_tasks, write_results
+    from longboi.inference import load_for_inference
     from longboi.train.parallelize import anyone
 
     task_list = load_tasks(tasks)
     g = load_gauntlet(gauntlet) if gauntlet else None
-    with _processes() as (d, share):
-        model, tok = _load(ckpt, dtype)
-        model.to(d.device)
+    with _processes(device) as (d, share):
+        model, tok = load_for_inference(ckpt, dtype, device=d.device)
         together = lambda flag: anyone(flag, d)  # noqa: E731  # a file missing on one rank skips the task on all
         results, skipped = evaluate(model, tok, task_list, data_root, max_seq_len, limit, anyone=together, share=share)
     scores = gauntlet_scores(g, results) if g else None
@@ -634,13 +645,21 @@ def eval(  # noqa: A001 - the command is `longboi eval`
 
 
 @contextlib.contextmanager
-def _processes():
+def _processes(device: str):
     """(Dist, Share) of this process: under `torchrun --nproc-per-node N` the N ranks (gloo on CPU, NCCL
-    on GPUs) split the work and gather the results; otherwise one process on its best device."""
-    from longboi.eval.engine import Share
-    from longboi.train.parallelize import all_gather_objects, init_distributed
+    on GPUs, cuda:LOCAL_RANK each) split the work and gather the results; otherwise one process on
+    `device`."""
+    import os
 
-    d = init_distributed()
+    from longboi.eval.engine import Share
+    from longboi.inference import resolve_device
+    from longboi.train.parallelize import Dist, all_gather_objects, init_distributed
+
+    where = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and where.index is not None:
+        raise UserError(f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda")
+    d = init_distributed(where.type)
+    d = d if d.enabled else Dist(device=where)
     try:
         yield d, Share(d.rank, d.world_size, lambda value: all_gather_objects(value, d))
     finally:
@@ -660,6 +679,7 @@ def perplexity(
     batch_size: int = 4,
     dtype: Precision = "auto",
     quantize: Quantize = "none",
+    device: str = "auto",
 ) -> dict:
     """Perplexity and bits per byte of a checkpoint on a text file or prepared dataset split.
 
@@ -672,13 +692,15 @@ def perplexity(
         batch_size: windows per forward pass.
         dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
         quantize: int8: score the int8-weight model (to check what quantization costs).
+        device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N; under torchrun
+            each rank takes its own GPU (cuda:LOCAL_RANK) or the CPU.
     """
     from longboi.eval.perplexity import load_tokens
     from longboi.eval.perplexity import perplexity as run
+    from longboi.inference import load_for_inference
 
-    with _processes() as (d, share):
-        model, tok = _load(ckpt, dtype, quantize=quantize)
-        model.to(d.device)
+    with _processes(device) as (d, share):
+        model, tok = load_for_inference(ckpt, dtype, quantize, d.device)
         tokens = load_tokens(source, tok)
         r = run(model, tok, tokens, seq_len or model.config.max_seq_len, stride, batch_size, max_tokens, share=share)
     precision = _precision_of(model)
@@ -705,6 +727,7 @@ def serve(
     quantize: Quantize = "none",
     kv_cache_memory: str = "auto",
     allowed_hosts: list[str] | None = None,
+    device: str = "auto",
 ) -> None:
     """Serve a checkpoint over the OpenAI API (completions, chat, streaming) with continuous batching,
     plus a chat page at /. Needs the serve extra: pip install 'longboi[serve]'. Ctrl-C drains and exits.
@@ -726,19 +749,18 @@ def serve(
         kv_cache_memory: KV-cache limit (4GiB, 512MiB; auto: a third of the free memory; none): requests wait.
         allowed_hosts: Host header names the server answers to (repeatable; * for any). Default: the
             loopback names when bound to loopback (a web page cannot reach it by DNS rebinding), any otherwise.
+        device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.
     """
+    import functools
     import os
 
-    try:
-        import uvicorn
+    uvicorn = _serve_extra()
+    from longboi.inference import load_for_inference, model_source, resolve_device, serving_length
+    from longboi.serve.api import Settings, create_app, parse_kv_cache_memory
 
-        from longboi.serve.api import Settings, create_app, parse_kv_cache_memory
-    except ImportError as e:
-        raise UserError(
-            f"longboi serve needs the serve extra ({e.name} is missing): pip install 'longboi[serve]'"
-        ) from e
-    source = _serving_source(ckpt)
-    limit = _serving_length(source, max_model_len)
+    source = model_source(ckpt)
+    limit = serving_length(source, max_model_len)
+    where = resolve_device(device)
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -747,10 +769,23 @@ def serve(
     settings = Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk)
     settings.kv_cache_bytes = parse_kv_cache_memory(kv_cache_memory)
     settings.allowed_hosts = _allowed_hosts(host, allowed_hosts)
-    app = create_app(settings, lambda: _load_for_serving(source, dtype, quantize))
+    app = create_app(settings, functools.partial(load_for_inference, source, dtype, quantize, where))
     _serve_banner(settings, f"http://{host}:{port}", source)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     print("longboi serve: stopped", flush=True)
+
+
+def _serve_extra():
+    """uvicorn, once the serve extra is known to be installed (a clear error otherwise)."""
+    try:
+        import uvicorn
+
+        import longboi.serve.api  # noqa: F401  # fastapi, pydantic
+    except ImportError as e:
+        raise UserError(
+            f"longboi serve needs the serve extra ({e.name} is missing): pip install 'longboi[serve]'"
+        ) from e
+    return uvicorn
 
 
 def _serve_banner(s, url: str, source: Path) -> None:
@@ -777,60 +812,6 @@ def _allowed_hosts(bind: str, given: list[str] | None) -> tuple[str, ...]:
         name = "[::1]" if bind == "::1" else bind
         return LOOPBACK_NAMES + (() if name in LOOPBACK_NAMES else (name,))
     return ("*",)
-
-
-def _serving_source(ckpt: str) -> Path:
-    """A checkpoint, a run directory (its final weights) or a LoRA adapter directory."""
-    path = Path(ckpt)
-    for candidate in (path, path / "final"):
-        if (candidate / "config.json").is_file() or (candidate / "adapter_config.json").is_file():
-            return candidate
-    raise UserError(f"{ckpt}: not a checkpoint, run or adapter directory (no config.json or adapter_config.json)")
-
-
-def _adapter_base(adapter: Path) -> Path:
-    import json
-
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base or not (Path(base) / "config.json").is_file():
-        raise UserError(f"{adapter}: its base checkpoint {base!r} (base_model_name_or_path) is not a checkpoint here")
-    return Path(base)
-
-
-def _serving_length(source: Path, max_model_len: int | None) -> int:
-    from longboi.checkpoint import load_config
-
-    is_adapter = (source / "adapter_config.json").is_file()
-    cfg = load_config(_adapter_base(source) if is_adapter else source)
-    if max_model_len is None:
-        return cfg.max_seq_len
-    if max_model_len < 2:
-        raise UserError(f"--max-model-len must be at least 2, got {max_model_len}")
-    if max_model_len > cfg.max_seq_len and cfg.learned_pos_emb:
-        raise UserError(
-            f"--max-model-len {max_model_len} is past this model's max_seq_len {cfg.max_seq_len}, and its "
-            "learned position embeddings cannot extrapolate (ALiBi models can)"
-        )
-    return max_model_len
-
-
-def _load_for_serving(source: Path, dtype: Precision, quantize: Quantize = "none"):
-    """(model, tokenizer) for the server, a LoRA adapter merged onto its base."""
-    if not (source / "adapter_config.json").is_file():
-        return _load(str(source), dtype, quantize=quantize)
-    from longboi.lora import load_adapter, merge
-
-    model, tok = _load(str(_adapter_base(source)), "fp32")
-    model = merge(load_adapter(model, source))
-    return (_int8(model, dtype) if quantize == "int8" else model.to(_resolve_dtype(dtype))), tok
-
-
-def _resolve_dtype(dtype: Precision):
-    import torch
-
-    from longboi.hardware import resolve_precision
-
-    return resolve_precision(dtype, torch.device("cpu")).dtype
 
 
 COMMANDS: list[Callable] = [
@@ -874,28 +855,6 @@ def _precision_of(model) -> str:
     from longboi.quantize import precision_of
 
     return precision_of(model)
-
-
-def _load(ckpt: str, dtype: Precision, allow_pickle: bool = False, quantize: Quantize = "none"):
-    """A checkpoint's model (in the resolved precision, printed once; int8 weights if asked) and its tokenizer."""
-    from longboi.checkpoint import load_model, load_tokenizer
-
-    tok = load_tokenizer(ckpt)
-    if tok is None:
-        raise UserError(f"{ckpt}: no tokenizer.json in the checkpoint directory")
-    if quantize == "int8":
-        return _int8(load_model(ckpt, allow_pickle=allow_pickle), dtype), tok
-    return load_model(ckpt, allow_pickle=allow_pickle, dtype=_resolve_dtype(dtype)), tok
-
-
-def _int8(model, dtype: Precision):
-    """int8 weights (longboi.quantize: dynamic quantization, measured fastest on CPU); activations stay fp32."""
-    from longboi.quantize import quantize_int8
-
-    if dtype == "bf16":
-        raise UserError("--quantize int8 computes activations in fp32: use --dtype auto or fp32 with it")
-    print("precision: int8 weights (linear layers and LM head), fp32 activations", file=sys.stderr)
-    return quantize_int8(model)
 
 
 def _note_long_prompt(cfg, n_prompt: int) -> None:

@@ -103,3 +103,86 @@ def test_bf16_training_on_cuda_learns_and_resumes(tmp_path, data):
     assert result.steps == 12 and losses[-1] < losses[0]
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000012" / "rng-rank0.pt", weights_only=True)
     assert "cuda" in state  # dropout on the GPU resumes from the same generator state
+
+
+# -- the inference commands on a GPU (--device) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_ckpt(tmp_path_factory):
+    from conftest import TOKENIZER, trained
+
+    from longboi.checkpoint import save_checkpoint
+    from longboi.tokenizer import Tokenizer
+
+    tok = Tokenizer(TOKENIZER)
+    path = tmp_path_factory.mktemp("cuda") / "ck"
+    save_checkpoint(trained(tok, steps=40), path, tok)
+    return path
+
+
+def test_load_for_inference_puts_the_model_on_the_gpu_in_its_native_precision(cuda_ckpt):
+    from longboi.inference import load_for_inference
+
+    model, _ = load_for_inference(cuda_ckpt, "auto", device="cuda")
+    p = next(model.parameters())
+    assert p.device.type == "cuda" and p.dtype == torch.bfloat16  # auto on a GPU with bf16
+    with pytest.raises(Exception, match="CPU only"):
+        load_for_inference(cuda_ckpt, "auto", "int8", "cuda")
+
+
+def test_generate_perplexity_and_eval_commands_on_cuda_equal_the_cpu(cuda_ckpt, tmp_path, capsys):
+    from conftest import SHARED
+
+    from longboi.cli import eval as run_eval
+    from longboi.cli import generate, perplexity
+
+    greedy = dict(max_new_tokens=24, temperature=0.0, dtype="fp32")
+    assert generate(str(cuda_ckpt), "ROMEO:", **greedy, device="cuda") == generate(
+        str(cuda_ckpt), "ROMEO:", **greedy, device="cpu"
+    )
+    text = str(SHARED / "text" / "tinyshakespeare.txt")
+    gpu = perplexity(str(cuda_ckpt), text, seq_len=128, max_tokens=4000, dtype="fp32", device="cuda")
+    cpu = perplexity(str(cuda_ckpt), text, seq_len=128, max_tokens=4000, dtype="fp32", device="cpu")
+    assert abs(gpu["loss"] - cpu["loss"]) < 1e-4
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(
+        "icl_tasks:\n- {label: piqa, dataset_uri: piqa_small.jsonl, num_fewshot: [0], icl_task_type: multiple_choice}\n"
+    )
+    root = str(SHARED / "eval" / "tests_local_data")
+    scores = [
+        run_eval(str(cuda_ckpt), tasks=str(tasks), data_root=root, out=str(tmp_path / d), dtype="fp32", device=d)
+        for d in ("cuda", "cpu")
+    ]
+    assert scores[0]["results"][0]["accuracy"] == scores[1]["results"][0]["accuracy"]
+
+
+def test_the_serving_engine_on_cuda_decodes_as_on_the_cpu(cuda_ckpt):
+    import threading
+
+    from longboi.generate import SamplingParams
+    from longboi.inference import load_for_inference
+    from longboi.serve.engine import Engine, Job
+
+    outputs = []
+    for device in ("cuda", "cpu"):
+        model, tok = load_for_inference(cuda_ckpt, "fp32", device=device)
+        engine = Engine(model, tok, max_batch=8).start()
+        results, finished = {}, threading.Semaphore(0)
+
+        def sink_for(i, results=results, finished=finished):
+            def sink(ev):
+                results.setdefault(i, []).extend(t.id for t in ev.tokens)
+                if ev.done:
+                    assert ev.error is None, ev.error
+                    finished.release()
+
+            return sink
+
+        for i, prompt in enumerate(["ROMEO:", "JULIET: O", "First Citizen:"]):
+            params = SamplingParams(max_new_tokens=16, temperature=0.8 if i == 2 else 0, seed=7)
+            engine.submit(Job(tok.encode(prompt), params, sink_for(i)))  # the seeded row runs in the same batch
+        assert all(finished.acquire(timeout=60) for _ in range(3))
+        engine.stop()
+        outputs.append([results[0], results[1]])  # greedy rows (a seeded row draws per device)
+    assert outputs[0] == outputs[1]

@@ -552,7 +552,7 @@ def test_health_is_503_while_loading(ckpt):
 
 def test_serves_a_lora_adapter_merged_onto_its_base(ckpt, tmp_path):
     from longboi.checkpoint import load_model
-    from longboi.cli import _load_for_serving, _serving_source
+    from longboi.inference import load_for_inference
     from longboi.lora import LoraSettings, add_lora, load_adapter, save_adapter
 
     model = add_lora(load_model(ckpt), LoraSettings(r=4))
@@ -561,7 +561,7 @@ def test_serves_a_lora_adapter_merged_onto_its_base(ckpt, tmp_path):
             if "lora_B" in name:
                 p.normal_()
     adapter = save_adapter(model, tmp_path / "run" / "adapter", base=str(ckpt))
-    served, _ = _load_for_serving(_serving_source(str(adapter)), "fp32")
+    served, _ = load_for_inference(adapter, "fp32", device="cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     expected = load_adapter(load_model(ckpt), adapter).eval()(ids)
     assert torch.allclose(served(ids), expected, atol=1e-5)

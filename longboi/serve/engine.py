@@ -88,18 +88,18 @@ class Job:
 class Sequence:
     """One choice of a job while it runs: its tokens, text, generator and KV-cache row."""
 
-    def __init__(self, job: Job, index: int, tok: Tokenizer, vocab: int):
+    def __init__(self, job: Job, index: int, tok: Tokenizer, vocab: int, device: torch.device):
         self.job, self.index, self.params = job, index, job.params
         self.tokens: list[int] = []
         self.pending: list[TokenInfo] = []  # sampled, not yet sent (their text is held back)
         self.text = _RowText(tok, job.params.stop)
         seed = job.params.seed
-        self.generator = None if seed is None else torch.Generator().manual_seed((seed + index) % 2**64)
+        self.generator = None if seed is None else torch.Generator(device).manual_seed((seed + index) % 2**64)
         self.finished = False
         self.counts = self.prompt_seen = None
         if job.params.penalized:  # generated-token counts; the prompt's tokens for the repetition penalty
-            prompt = torch.tensor([job.prompt])
-            self.counts = torch.zeros(vocab)
+            prompt = torch.tensor([job.prompt], device=device)
+            self.counts = torch.zeros(vocab, device=device)
             self.prompt_seen = token_counts(prompt, torch.ones_like(prompt), vocab)[0] > 0
 
     @property
@@ -140,6 +140,7 @@ class Engine:
         kv_cache_bytes: int | None = None,
     ):
         self.model, self.tok = model.eval(), tok
+        self.device = next(model.parameters()).device  # token ids, generators and counts live there too
         self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.metrics = metrics or Metrics()
@@ -298,7 +299,7 @@ class Engine:
 
     def _prefill_chunk(self, p: _Prefill, end: int) -> torch.Tensor:
         """Run prompt tokens [done, end) through the model; return the last position's (V,) logits."""
-        ids = torch.tensor([p.job.prompt[p.done : end]])
+        ids = torch.tensor([p.job.prompt[p.done : end]], device=self.device)
         keep = 0 if p.job.prompt_logprobs is not None else 1
         logits = self.model(ids, cache=p.cache, logits_to_keep=keep)[0]  # (T or 1, V)
         if p.job.prompt_logprobs is not None:
@@ -315,7 +316,7 @@ class Engine:
         job.open_choices = job.n
         if p.prompt_info:
             self._emit(job, Event(prompt=p.prompt_info))
-        seqs = [Sequence(job, i, self.tok, logits.shape[-1]) for i in range(job.n)]
+        seqs = [Sequence(job, i, self.tok, logits.shape[-1], self.device) for i in range(job.n)]
         if job.params.max_new_tokens == 0:  # echo-only scoring: nothing to generate
             for s in seqs:
                 self._finish_choice(s, "length")
@@ -347,7 +348,7 @@ class Engine:
         before = self.cache.lengths.clone()  # a forward that fails after the cache advanced is undone
         self.cache.select = None if every else torch.tensor(rows)
         try:
-            ids = torch.tensor([[self.running[r].tokens[-1]] for r in rows])
+            ids = torch.tensor([[self.running[r].tokens[-1]] for r in rows], device=self.device)
             return list(self.model(ids, cache=self.cache, logits_to_keep=1)[:, -1])  # rows x (V,)
         except Exception:
             self.cache.lengths.copy_(before)
@@ -405,7 +406,7 @@ class Engine:
         params = [s.params for s in seqs]
         counts = seen = None
         if any(s.counts is not None for s in seqs):
-            zeros = torch.zeros(logits.shape[-1])
+            zeros = torch.zeros(logits.shape[-1], device=logits.device)
             counts = torch.stack([s.counts if s.counts is not None else zeros for s in seqs])
             seen = torch.stack([s.prompt_seen if s.prompt_seen is not None else zeros.bool() for s in seqs])
         processed = process_logits(allowed, params, counts, seen)
@@ -431,7 +432,7 @@ class Engine:
         Over the whole (padded) vocabulary, as `longboi eval` and transformers score; alternatives come
         from the tokenizer's ids only."""
         logprobs = logits.float().log_softmax(dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets)[:, None]).squeeze(1).tolist()
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None]).squeeze(1).tolist()
         alternatives = [[]] * len(targets)
         if top > 0:
             values, ids = logprobs[:, : self.vocab].topk(top, dim=-1)
