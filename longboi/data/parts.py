@@ -199,7 +199,9 @@ def merge_index(out: str) -> tuple[dict, dict]:
         raise UserError(
             f"no documents found in the inputs of {out} (empty input{', all skipped' if report['skipped'] else ''})"
         )
-    if fs.protocol in ("file", ("file", "local")) or "file" in fs.protocol:
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):  # written in place, atomically
         return write_indexes(Path(root), first["meta"], outputs), report
     local = Path(tempfile.mkdtemp(prefix="longboi-merge-"))
     indexes = write_indexes(local, first["meta"], outputs)
