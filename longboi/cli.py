@@ -658,8 +658,7 @@ def _processes(device: str):
     where = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and where.index is not None:
         raise UserError(f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda")
-    d = init_distributed(where.type)
-    d = d if d.enabled else Dist(device=where)
+    d = init_distributed(where.type) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Dist(device=where)
     try:
         yield d, Share(d.rank, d.world_size, lambda value: all_gather_objects(value, d))
     finally:

@@ -79,10 +79,12 @@ def load_for_inference(
     """(model in eval mode on `device`, tokenizer) for any source `model_source` accepts. The precision
     is resolved for that device and printed once; int8 is the CPU's (PyTorch dynamic quantization)."""
     source = model_source(ckpt)
+    if quantize == "int8" and device == "auto":
+        device = "cpu"  # int8 weights are the CPU's: auto means the CPU for them, even where a GPU is
     where = device if isinstance(device, torch.device) else resolve_device(device)
     if quantize == "int8" and where.type != "cpu":
         raise UserError(
-            "--quantize int8 runs on the CPU only (PyTorch dynamic quantization); on a GPU use --dtype bf16"
+            "--quantize int8 runs on the CPU only (PyTorch dynamic quantization): use --device cpu (or bf16 on a GPU)"
         )
     if quantize == "int8" and dtype == "bf16":
         raise UserError("--quantize int8 computes activations in fp32: use --dtype auto or fp32 with it")

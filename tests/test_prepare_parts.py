@@ -167,3 +167,18 @@ def test_more_parts_than_groups_and_parts_to_s3(inputs, single, tokenizer_path, 
         for name, data in local.items():
             if name.startswith(split):
                 assert fs.cat(f"{url[5:]}/{name}") == data, name
+
+
+def test_group_tails_join_so_a_small_validation_split_keeps_its_samples(inputs, single, tokenizer_path, tmp_path):
+    """Each group's last partial sample is carried to one tails shard: the whole dataset drops under
+    seq_len tokens per split, however many groups (here every group's validation tail is under seq_len,
+    so without the carry there would be no validation sample at all)."""
+    _, report = single
+    assert report.dropped_tail_tokens < 2 * OPTIONS["seq_len"]
+    small = OPTIONS | {"val_fraction": 0.001}
+    one = prepare([str(inputs)], str(tmp_path / "one"), str(tokenizer_path), **small)
+    assert one.samples["val"] >= 3 and one.dropped_tail_tokens < 2 * 64
+    assert (tmp_path / "one" / "val" / "shard-tails-00000.bin").is_file()
+    run_parts(inputs, tmp_path / "two", tokenizer_path, 2, val_fraction=0.001)
+    assert main(["merge-index", str(tmp_path / "two")]) == 0
+    assert files_of(tmp_path / "two") == files_of(tmp_path / "one")

@@ -2,10 +2,13 @@
 
 The inputs are cut into *groups* of about `group_mb` MiB, independently of how many parts there are:
 files in sorted order, a large uncompressed jsonl cut at line boundaries near every `group_mb`. A group
-is where concat-and-chunk restarts (its last partial sample, under seq_len tokens, is dropped) and what
-names its shards (`shard-GROUP-K.bin`). So a group's shards are the same bytes whichever process makes
-them, and one process (`prepare` without --part) is simply every group in order: the merged dataset of
-N parts is byte for byte the dataset one process writes, and the merge writes only index.json files.
+is where concat-and-chunk restarts and what names its shards (`shard-GROUP-K.bin`). Its last partial
+sample (under seq_len tokens) is kept as `tail-GROUP.bin`; once every group is done, the index joins the
+tails in group order into the samples of one last shard (`shard-tails-00000.bin`), so a split drops
+under seq_len tokens in all, as one concat-and-chunk would. A group's shards are the same bytes whichever
+process makes them, and one process (`prepare` without --part) is simply every group in order: the
+merged dataset of N parts is byte for byte the dataset one process writes, and the merge writes only the
+tails shards and the index.json files.
 
 A part writes its shards, then its record `parts/part-I-of-N.json` (shard lists, bad-input report and a
 fingerprint of the inputs and settings) last. The record is the part's commit: a part starts by
@@ -20,14 +23,17 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from longboi.config import from_dict
-from longboi.data.shards import ShardInfo, write_atomic, write_index
+from longboi.data.shards import ShardInfo, ShardWriter, token_dtype, write_atomic, write_index
 from longboi.errors import UserError
 
-GROUP_MB = 64.0  # ~16M tokens per group: a dropped partial sample per group costs < 0.02% at seq_len 2048
+GROUP_MB = 64.0  # ~16M tokens per group
 RECORD = re.compile(r"part-(\d{5})-of-(\d{5})\.json")
 
 
@@ -113,11 +119,16 @@ def record_name(part: int, parts: int) -> str:
 
 @dataclass
 class GroupOutput:
-    """One split of one group: its shards in order, its longest sample and the partial sample dropped."""
+    """One split of one group: its shards in order, its longest sample, and the tokens of its last
+    partial sample (chunks layout), kept in `tail_name(group)` for the tails shard."""
 
     shards: list[ShardInfo]
     longest: int = 0
-    dropped_tokens: int = 0
+    tail_tokens: int = 0
+
+
+def tail_name(group: int) -> str:
+    return f"tail-{group:05d}.bin"
 
 
 def write_record(directory: Path, part: int, parts: int, meta: dict, outputs: dict, report: dict) -> Path:
@@ -135,12 +146,18 @@ def write_record(directory: Path, part: int, parts: int, meta: dict, outputs: di
     return path
 
 
-def write_indexes(out: Path, meta: dict, outputs: dict[int, dict[str, GroupOutput]]) -> dict:
-    """Each split's index.json over every group in order; {split: DatasetIndex}. A split without a
-    sample is an error (the input is shorter than one sample)."""
-    indexes = {}
+def write_indexes(
+    out: Path, meta: dict, outputs: dict[int, dict[str, GroupOutput]], read: Callable[[str], bytes]
+) -> tuple[dict, int]:
+    """Each split's index.json over every group in order, then the tails shard (written under `out`;
+    `read(relative path)` reads a group's tail where the parts wrote it); ({split: DatasetIndex}, tokens
+    dropped in all). A split without a sample is an error (the input is shorter than one sample)."""
+    indexes, dropped = {}, 0
     for split in meta["splits"]:
         shards = [s for g in sorted(outputs) for s in outputs[g][split].shards]
+        if meta["layout"] == "chunks":
+            tails, left = _tails_shard(out / split, split, meta, outputs, read)
+            shards, dropped = shards + tails, dropped + left
         longest = max((outputs[g][split].longest for g in outputs), default=0)
         seq_len = meta["seq_len"] if meta["layout"] == "chunks" else longest
         if not any(s.samples for s in shards):
@@ -157,7 +174,30 @@ def write_indexes(out: Path, meta: dict, outputs: dict[int, dict[str, GroupOutpu
             meta["vocab_size"],
             meta["eos_id"],
         )
-    return indexes
+    return indexes, dropped
+
+
+def _tails_shard(directory: Path, split: str, meta: dict, outputs: dict, read) -> tuple[list[ShardInfo], int]:
+    """The groups' last partial samples joined in group order and cut into samples: at most one shard,
+    and the tokens left over."""
+    dtype, seq_len = np.dtype(token_dtype(meta["vocab_size"])), meta["seq_len"]
+    tails = []
+    for g in sorted(outputs):
+        want = outputs[g][split].tail_tokens
+        if want:
+            data = read(f"{split}/{tail_name(g)}")
+            if len(data) != want * dtype.itemsize:
+                raise UserError(f"{split}/{tail_name(g)}: {len(data)} bytes, expected {want * dtype.itemsize}; "
+                                f"rerun the part that holds group {g}")  # fmt: skip
+            tails.append(np.frombuffer(data, dtype=dtype))
+    tokens = np.concatenate(tails) if tails else np.zeros(0, dtype=dtype)
+    n = len(tokens) // seq_len
+    if n == 0:
+        return [], len(tokens)
+    writer = ShardWriter(directory, "chunks", seq_len, meta["vocab_size"], tokens.nbytes, prefix="shard-tails-")
+    for i in range(n):
+        writer.add(tokens[i * seq_len : (i + 1) * seq_len])
+    return writer.close(), len(tokens) - n * seq_len
 
 
 def merge_index(out: str) -> tuple[dict, dict]:
@@ -176,7 +216,7 @@ def merge_index(out: str) -> tuple[dict, dict]:
             changed = sorted(k for k in first["meta"] if r["meta"].get(k) != first["meta"][k])
             raise UserError(
                 f"{out}/parts/{record_name(r['part'], parts)} is from another run than part 0 (differs in: "
-                f"{', '.join(changed)}); rerun that part with the same inputs and options"
+                f"{', '.join(changed)}); rerun whichever of the two is stale with the same inputs and options"
             )
         for g, splits in r["groups"].items():
             if int(g) in holder:
@@ -187,7 +227,7 @@ def merge_index(out: str) -> tuple[dict, dict]:
             holder[int(g)] = r["part"]
             outputs[int(g)] = {
                 s: GroupOutput([from_dict(ShardInfo, x, f"{out} part {r['part']}") for x in o["shards"]], o["longest"],
-                               o["dropped_tokens"])
+                               o["tail_tokens"])
                 for s, o in splits.items()
             }  # fmt: skip
     missing = sorted(set(range(first["meta"]["groups"])) - set(outputs))
@@ -201,12 +241,16 @@ def merge_index(out: str) -> tuple[dict, dict]:
         )
     from fsspec.implementations.local import LocalFileSystem
 
+    read = lambda rel: fs.cat_file(f"{root}/{rel}")  # noqa: E731
     if isinstance(fs, LocalFileSystem):  # written in place, atomically
-        return write_indexes(Path(root), first["meta"], outputs), report
+        indexes, report["dropped_tail_tokens"] = write_indexes(Path(root), first["meta"], outputs, read)
+        return indexes, report
     local = Path(tempfile.mkdtemp(prefix="longboi-merge-"))
-    indexes = write_indexes(local, first["meta"], outputs)
-    for split in indexes:
-        fs.put_file(str(local / split / "index.json"), f"{root}/{split}/index.json")
+    indexes, report["dropped_tail_tokens"] = write_indexes(local, first["meta"], outputs, read)
+    for split in indexes:  # the tails shard, then the index
+        names = sorted(p.name for p in (local / split).iterdir() if p.name != "index.json") + ["index.json"]
+        for name in names:
+            fs.put_file(str(local / split / name), f"{root}/{split}/{name}")
     shutil.rmtree(local, ignore_errors=True)
     return indexes, report
 
@@ -272,6 +316,5 @@ def _summed_reports(reports: list[dict], outputs: dict) -> dict:
             total[k] += r[k]
     total["files"] = reports[0]["files"]
     total["skip_examples"] = [x for r in reports for x in r["skip_examples"]][:10]
-    total["dropped_tail_tokens"] = sum(o.dropped_tokens for splits in outputs.values() for o in splits.values())
     total["seconds"] = max(r["seconds"] for r in reports)  # the parts ran side by side
     return total

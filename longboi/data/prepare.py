@@ -40,10 +40,11 @@ from longboi.data.parts import (
     merge_index,
     plan_groups,
     record_name,
+    tail_name,
     write_indexes,
     write_record,
 )
-from longboi.data.shards import Layout, ShardWriter
+from longboi.data.shards import Layout, ShardWriter, write_atomic
 from longboi.errors import UserError
 from longboi.tokenizer import Tokenizer
 
@@ -399,9 +400,10 @@ def prepare(
     else:
         if report.documents == 0:
             raise UserError(f"no documents found in {inputs} (empty input{', all skipped' if report.skipped else ''})")
-        for split, idx in write_indexes(local_out, meta, outputs).items():
+        read = lambda rel: (local_out / rel).read_bytes()  # noqa: E731
+        indexes, report.dropped_tail_tokens = write_indexes(local_out, meta, outputs, read)
+        for split, idx in indexes.items():
             report.tokens[split], report.samples[split] = idx.total_tokens, idx.total_samples
-    report.dropped_tail_tokens = sum(o.dropped_tokens for splits in outputs.values() for o in splits.values())
     if remote:
         _upload(local_out, out)
     return report
@@ -452,10 +454,13 @@ def _prepare_group(
         for split, arrays in zip(("train", "val"), splitter.split()):
             for arr in arrays:
                 (chunkers[split] if layout == "chunks" else writers[split]).add(arr)
-    return {
-        s: GroupOutput(w.close(), w.longest, len(chunkers[s].buffer) if layout == "chunks" else 0)
-        for s, w in writers.items()
-    }
+    outputs = {}
+    for s, w in writers.items():
+        tail = chunkers[s].buffer if layout == "chunks" else np.zeros(0, dtype=np.uint32)
+        if len(tail):  # carried to the tails shard at the end (see parts.py)
+            write_atomic(out / s / tail_name(g), tail.astype(w.dtype).tobytes())
+        outputs[s] = GroupOutput(w.close(), w.longest, len(tail))
+    return outputs
 
 
 def merge(out: str) -> PrepareReport:
@@ -472,8 +477,7 @@ def _local_output(out: str, part: tuple[int, int] | None) -> tuple[Path, bool]:
     """Where to write: `out` itself when local, else a temp dir uploaded at the end. A whole run starts
     from an empty output; a part removes only its own record (its commit) and any stale index."""
     if "://" in out and not out.startswith("file://"):
-        if part is not None:
-            _forget_remote(out, part)
+        _forget_remote(out, part)
         return Path(tempfile.mkdtemp(prefix="longboi-prepare-")), True
     path = Path(out.removeprefix("file://"))
     if part is None:
@@ -486,11 +490,15 @@ def _local_output(out: str, part: tuple[int, int] | None) -> tuple[Path, bool]:
     return path, False
 
 
-def _forget_remote(out: str, part: tuple[int, int]) -> None:
+def _forget_remote(out: str, part: tuple[int, int] | None) -> None:
+    """Before a part: its own record and any index. Before a whole run: every part record too, so a later
+    merge-index cannot build an index from another run's records."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(out)
-    for name in [f"parts/{record_name(*part)}", "train/index.json", "val/index.json"]:
+    if part is None and fs.isdir(f"{root}/parts"):
+        fs.rm(f"{root}/parts", recursive=True)
+    for name in ([f"parts/{record_name(*part)}"] if part else []) + ["train/index.json", "val/index.json"]:
         if fs.exists(f"{root}/{name}"):
             fs.rm_file(f"{root}/{name}")
 

@@ -29,7 +29,9 @@ class Share:
     """Which examples this process scores, and how every process's outcomes meet. One process by
     default; under torchrun each rank takes its share of every task (balanced by tokens) and `gather`
     (an all-gather of picklable objects) hands everyone's outcomes to all, so all ranks report the same
-    scores, computed in example order as one process computes them."""
+    scores, computed in example order as one process computes them. A rank batches only its share, so
+    logits may differ from one process's in the last bits: equal scores in fp32 (tested), while an
+    argmax near-tie in bf16 can flip."""
 
     rank: int = 0
     world_size: int = 1

@@ -117,7 +117,7 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
     s = served.settings
     try:
         model, tok = load()
-        kv = available_memory() // 3 if s.kv_cache_bytes == "auto" else s.kv_cache_bytes  # measured after the load
+        kv = available_memory(model) // 3 if s.kv_cache_bytes == "auto" else s.kv_cache_bytes  # after the load
         engine = Engine(model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics, kv)
     except Exception as e:  # the server stays up to say why (health 503 with the reason)
         served.load_error = f"the model failed to load: {e}"
@@ -154,8 +154,14 @@ def parse_kv_cache_memory(text: str) -> int | Literal["auto"] | None:
     return size
 
 
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (MemAvailable), or all of it where unknown."""
+def available_memory(model=None) -> int:
+    """Bytes available to new allocations where `model` runs: free GPU memory for a CUDA model, else the
+    host's MemAvailable (or all of it where unknown)."""
+    import torch
+
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

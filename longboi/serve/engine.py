@@ -243,6 +243,8 @@ class Engine:
             self.idle = True
             self.cache.release()
             _trim_heap()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # the caching allocator's blocks go back to the GPU too
 
     def _drop_cancelled(self) -> None:
         with self.wake:

@@ -127,16 +127,17 @@ def full_weights(model: torch.nn.Module) -> Iterator[None]:
     if not sharded:
         yield
         return
-    sharded[0].set_reshard_after_forward(False)  # recursive; PyTorch's documented way to run evals
+    for m in sharded:  # PyTorch's documented way to run evals: keep what the forward gathered
+        m.set_reshard_after_forward(False, recurse=False)
     for m in sharded:
         m.unshard()
     try:
         yield
     finally:
+        for m in sharded:  # as fully_shard left the blocks; the root keeps its weights, as FSDP sets roots
+            m.set_reshard_after_forward(m is not model, recurse=False)
         for m in sharded:
             m.reshard()
-        sharded[0].set_reshard_after_forward(True)  # as fully_shard left the blocks; the root keeps
-        sharded[0].set_reshard_after_forward(False, recurse=False)  # its weights, as FSDP sets roots
 
 
 def parallelize(
