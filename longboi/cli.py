@@ -15,10 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
-from longboi.config import Precision
+from longboi.config import Precision, Quantize
 from longboi.errors import UserError
-
-Quantize = Literal["none", "int8"]  # int8: longboi.quantize (weights only; activations stay fp32)
 
 
 def info(target: str, seq_len: int | None = None) -> dict:
@@ -379,7 +377,8 @@ def prepare(
             (--part $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); then `longboi merge-index OUT`. The
             merged dataset is byte for byte the one a run without --part writes.
         group_mb: input MiB per group: the unit of work a part takes, and where concat-and-chunk restarts
-            (dropping under seq_len tokens per group). Every part and the merge must use the same value.
+            (each group's partial last sample joins the others' in one last shard). Every part must use the
+            same value.
     """
     from longboi.data.parts import part_spec
     from longboi.data.prepare import prepare as run
@@ -655,10 +654,10 @@ def _processes(device: str):
     from longboi.inference import resolve_device
     from longboi.train.parallelize import Dist, all_gather_objects, init_distributed
 
-    where = resolve_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and where.index is not None:
+    where, torchrun = resolve_device(device), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun and where.index is not None:
         raise UserError(f"--device {device}: under torchrun each rank takes cuda:LOCAL_RANK; pass --device cuda")
-    d = init_distributed(where.type) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Dist(device=where)
+    d = init_distributed(where.type) if torchrun else Dist(device=where)
     try:
         yield d, Share(d.rank, d.world_size, lambda value: all_gather_objects(value, d))
     finally:

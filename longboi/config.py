@@ -20,6 +20,7 @@ from longboi.errors import UserError
 AttnType = Literal["multihead_attention", "grouped_query_attention", "multiquery_attention"]
 # Compute precision: auto takes bf16 where the device computes it natively, else fp32 (longboi.hardware).
 Precision = Literal["auto", "fp32", "bf16"]
+Quantize = Literal["none", "int8"]  # int8: longboi.quantize (weights only; activations stay fp32)
 NormType = Literal["layernorm", "low_precision_layernorm", "rmsnorm"]
 AttnImpl = Literal["sdpa", "eager", "flash"]
 InitScheme = Literal["kaiming_normal", "normal"]

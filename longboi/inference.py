@@ -11,18 +11,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from longboi.checkpoint import load_config, load_model, load_tokenizer
-from longboi.config import ModelConfig, Precision
+from longboi.config import ModelConfig, Precision, Quantize
 from longboi.errors import UserError
 from longboi.hardware import resolve_precision
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
-
-Quantize = Literal["none", "int8"]  # int8: longboi.quantize (weights only; activations stay fp32)
 
 
 def resolve_device(device: str = "auto") -> torch.device:

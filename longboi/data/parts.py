@@ -57,9 +57,11 @@ def part_spec(text: str) -> tuple[int, int]:
     return i, n
 
 
-def plan_groups(files: list[Path], kinds: list[str | None], group_bytes: int) -> list[list[Piece]]:
-    """The inputs as groups of pieces, in order: the same for every part, whatever N is."""
+def plan_groups(files: list[Path], kinds: list[str | None], group_bytes: int) -> tuple[list[list[Piece]], list[int]]:
+    """The inputs as groups of pieces, in order, and each group's input bytes: the same for every part,
+    whatever N is."""
     groups: list[list[Piece]] = []
+    sizes: list[int] = []
     current: list[Piece] = []
     size = 0
     for path, kind in zip(files, kinds):
@@ -68,10 +70,12 @@ def plan_groups(files: list[Path], kinds: list[str | None], group_bytes: int) ->
             size += piece_bytes
             if size >= group_bytes:
                 groups.append(current)
+                sizes.append(size)
                 current, size = [], 0
     if current:
         groups.append(current)
-    return groups
+        sizes.append(size)
+    return groups, sizes
 
 
 def _pieces(path: Path, kind: str | None, group_bytes: int) -> list[tuple[Piece, int]]:

@@ -378,8 +378,7 @@ def prepare(
         raise UserError(f"group_mb must be a positive number of MiB, got {group_mb}")
     tok = Tokenizer(tokenizer)
     files = expand_inputs(inputs)
-    groups = plan_groups(files, [_kind(f) for f in files], max(1, int(group_mb * 2**20)))
-    sizes = [sum((p.end or Path(p.path).stat().st_size) - p.start for p in g) for g in groups]
+    groups, sizes = plan_groups(files, [_kind(f) for f in files], max(1, int(group_mb * 2**20)))
     index, parts = part or (0, 1)
     mine = assigned(groups, sizes, index, parts)
     settings = dict(
@@ -402,8 +401,7 @@ def prepare(
             raise UserError(f"no documents found in {inputs} (empty input{', all skipped' if report.skipped else ''})")
         read = lambda rel: (local_out / rel).read_bytes()  # noqa: E731
         indexes, report.dropped_tail_tokens = write_indexes(local_out, meta, outputs, read)
-        for split, idx in indexes.items():
-            report.tokens[split], report.samples[split] = idx.total_tokens, idx.total_samples
+        _count_samples(report, indexes)
     if remote:
         _upload(local_out, out)
     return report
@@ -468,31 +466,32 @@ def merge(out: str) -> PrepareReport:
     bad-input reports summed."""
     indexes, summed = merge_index(out)
     report = PrepareReport(**summed)
+    _count_samples(report, indexes)
+    return report
+
+
+def _count_samples(report: PrepareReport, indexes: dict) -> None:
     for split, idx in indexes.items():
         report.tokens[split], report.samples[split] = idx.total_tokens, idx.total_samples
-    return report
 
 
 def _local_output(out: str, part: tuple[int, int] | None) -> tuple[Path, bool]:
     """Where to write: `out` itself when local, else a temp dir uploaded at the end. A whole run starts
     from an empty output; a part removes only its own record (its commit) and any stale index."""
-    if "://" in out and not out.startswith("file://"):
-        _forget_remote(out, part)
-        return Path(tempfile.mkdtemp(prefix="longboi-prepare-")), True
+    remote = "://" in out and not out.startswith("file://")
     path = Path(out.removeprefix("file://"))
-    if part is None:
+    if part is None and not remote:
         for stale in ("train", "val", "parts"):
             if (path / stale).exists():
                 shutil.rmtree(path / stale)
         return path, False
-    for name in [f"parts/{record_name(*part)}", "train/index.json", "val/index.json"]:
-        (path / name).unlink(missing_ok=True)
-    return path, False
+    _forget(out, part)
+    return (Path(tempfile.mkdtemp(prefix="longboi-prepare-")), True) if remote else (path, False)
 
 
-def _forget_remote(out: str, part: tuple[int, int] | None) -> None:
-    """Before a part: its own record and any index. Before a whole run: every part record too, so a later
-    merge-index cannot build an index from another run's records."""
+def _forget(out: str, part: tuple[int, int] | None) -> None:
+    """Before a part: its own record and any index. Before a whole remote run: every part record too, so a
+    later merge-index cannot build an index from another run's records."""
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(out)
