@@ -122,133 +122,137 @@ class KVCache:
         self.values = self.values.repeat_interleave(n, dim=1)
 
 
-class SlotCache:
-    """Keys/values for continuous batching: row r holds its own sequence, `lengths[r]` positions long.
+class PagedCache:
+    """Keys/values in fixed-size blocks shared by every sequence a serving engine runs (vLLM's paged
+    attention, in plain PyTorch): pools of (L, slots, Hkv, D), slot = block * block_size + offset.
 
-    A serving engine keeps its running sequences in rows 0..rows-1 (compacted when one retires) and
-    decodes them in one forward; each row writes its new keys at its own position and its query sees
-    only its own positions (AttentionMask's per-row `row_start`). Rows are left-aligned, so nothing
-    is padded on the left and a row's numbers do not depend on the other rows' lengths.
+    The engine lays one step out as one (1, N) row of tokens: decode tokens first (one per sequence),
+    then prefill pieces. `plan` gives, per sequence, its first position, its token count and its block
+    table; the forward writes each token's keys/values at its slot and each sequence attends to its own
+    positions only (gathered through its block table), so batching changes which rows a matmul sees but
+    not what any row attends to. Block 0 is kept zero: gathers pad with it, under a -inf bias.
 
-    Memory follows the work: `fit` sizes the buffers to the rows running and the longest of them, with
-    a little headroom so growth is rare, and shrinks them when they are more than twice that. A forward
-    may run a subset of the rows (`select`): a serving engine reruns rows one by one to find which one
-    made a batch fail.
+    The pools grow (doubling, up to `blocks`) as blocks are handed out lowest first, so memory follows the
+    tokens in use; `release` frees them when the engine idles.
     """
 
-    ROW_STEP, POSITION_STEP = 8, 64  # buffers grow in these steps (plus a quarter of the positions)
-
-    def __init__(self, n_layers: int, slots: int, max_positions: int | None = None):
-        self.n_layers, self.slots, self.rows = n_layers, slots, 0
-        self.max_positions = max_positions  # no row is ever longer (the server's max_model_len)
-        self.lengths = torch.zeros(slots, dtype=torch.long)  # cached positions per row
-        self.keys: torch.Tensor | None = None  # (L, R, Hkv, C, D), R <= slots; zero-filled: masked keys stay finite
+    def __init__(self, n_layers: int, blocks: int, block_size: int):
+        self.n_layers, self.blocks, self.block_size = n_layers, blocks, block_size
+        self.keys: torch.Tensor | None = None  # (L, capacity * block_size, Hkv, D)
         self.values: torch.Tensor | None = None
-        self.select: torch.Tensor | None = None  # (n,) rows of this forward; None: rows 0..rows-1
-
-    @property
-    def starts(self) -> torch.Tensor:
-        """(n,) first position of this forward's queries in each of its rows."""
-        return self.lengths[self.select] if self.select is not None else self.lengths[: self.rows]
-
-    @property
-    def length(self) -> int:
-        """The longest row of this forward: its keys span [0, length + T)."""
-        starts = self.starts
-        return int(starts.max()) if len(starts) else 0
+        self.positions = torch.zeros(0, dtype=torch.long)  # (N,) this step's token positions
+        self.length = 0  # MPTModel reads it: positions come from `positions`, not a shared past
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[3]
+        return 0 if self.keys is None else self.keys.shape[1] // self.block_size
+
+    def plan(
+        self,
+        segments: list[tuple[int, int, list[int]]],
+        decodes: int,
+        slopes: torch.Tensor | None,
+        device: torch.device,
+    ) -> None:
+        """This step: (start, count, block table) per sequence, the first `decodes` of them one token
+        each. Builds the write slots, the decode gathers with their bias, and each prefill's mask, on
+        `device` (slopes too), once for all layers."""
+        gathers = [self._gather_slots(blocks, start + count) for start, count, blocks in segments]
+        self.positions = torch.cat([torch.arange(start, start + count) for start, count, _ in segments]).to(device)
+        self.slots = torch.cat([g[start:] for g, (start, _, _) in zip(gathers, segments)]).to(device)
+        self.needed = max(max(blocks) for _, _, blocks in segments) + 1
+        self.decodes = decodes
+        self.segments = [(start, count, g.to(device)) for g, (start, count, _) in zip(gathers, segments)]
+        self.decode_keys = self.decode_bias = None
+        if decodes:
+            keys, bias = self._decode_plan(segments[:decodes], gathers[:decodes], slopes)
+            self.decode_keys, self.decode_bias = keys.to(device), bias.to(device)
+        self.masks = [AttentionMask(count, start + count, slopes, device) for start, count, _ in segments[decodes:]]
+
+    def _gather_slots(self, blocks: list[int], n: int) -> torch.Tensor:
+        p = torch.arange(n)
+        return torch.tensor(blocks, dtype=torch.long)[p // self.block_size] * self.block_size + p % self.block_size
+
+    def _decode_plan(self, segments, gathers: list[torch.Tensor], slopes: torch.Tensor | None):
+        """(B, Tmax) slots of every decode row's keys, padded with the zero block, and the (B, H|1, 1,
+        Tmax) fp32 bias: relative ALiBi up to the row's own position, -inf past it."""
+        longest = max(start + 1 for start, _, _ in segments)
+        slots = torch.zeros(len(segments), longest, dtype=torch.long)
+        for row, g in enumerate(gathers):
+            slots[row, : len(g)] = g
+        q_pos = torch.tensor([start for start, _, _ in segments])[:, None]  # (B, 1)
+        key_pos = torch.arange(longest)
+        if slopes is None:
+            rel = torch.zeros(len(segments), 1, 1, longest)
+        else:
+            rel = -slopes.cpu()[None, :, None, None] * (q_pos[:, None, :, None] - key_pos).float()  # (B, H, 1, Tmax)
+        return slots, rel.masked_fill((key_pos > q_pos)[:, None, None, :], float("-inf"))
+
+    def _ensure(self, like: torch.Tensor) -> None:
+        """Pools big enough for this step's blocks (like: (1, Hkv, N, D) keys for dtype and layout)."""
+        if self.capacity < self.needed:
+            _, h, _, d = like.shape
+            self._grow(self.needed, like, h, d)
+
+    def _grow(self, needed: int, like: torch.Tensor, h: int, d: int) -> None:
+        capacity = min(self.blocks, max(needed, 2 * self.capacity, 64))
+        keys = like.new_empty(self.n_layers, capacity * self.block_size, h, d)  # pages touched as written
+        values = like.new_empty(self.n_layers, capacity * self.block_size, h, d)
+        keys[:, : self.block_size].zero_()  # the zero block
+        values[:, : self.block_size].zero_()
+        if self.keys is not None and self.values is not None:
+            keys[:, : self.keys.shape[1]] = self.keys
+            values[:, : self.values.shape[1]] = self.values
+        self.keys, self.values = keys, values
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's keys/values (a partial block when a request's choices fork)."""
+        if self.keys is None or self.values is None:
+            return
+        if dst >= self.capacity:
+            self._grow(dst + 1, self.keys, self.keys.shape[2], self.keys.shape[3])
+        bs = self.block_size
+        self.keys[:, dst * bs : (dst + 1) * bs] = self.keys[:, src * bs : (src + 1) * bs]
+        self.values[:, dst * bs : (dst + 1) * bs] = self.values[:, src * bs : (src + 1) * bs]
+
+    def release(self) -> None:
+        self.keys = self.values = None
+
+    def advance(self, n: int) -> None:
+        """Nothing to do: the engine tracks each sequence's length."""
 
     @property
     def nbytes(self) -> int:
-        keys = self.keys  # read once: a metrics thread may ask while the engine reallocates
+        keys = self.keys
         return 0 if keys is None else 2 * keys.nbytes
 
-    def target(self, rows: int, positions: int) -> tuple[int, int]:
-        """The (rows, positions) `fit` allocates for this much work: a little above it, never past the limits."""
-        if rows > self.ROW_STEP:  # a few rows are allocated exactly; many in steps
-            rows = min(self.slots, -(-rows // self.ROW_STEP) * self.ROW_STEP)
-        room = positions + positions // 4
-        positions = max(positions, -(-room // self.POSITION_STEP) * self.POSITION_STEP)
-        return rows, positions if self.max_positions is None else min(positions, max(self.max_positions, 1))
-
-    def fit(self, rows: int, positions: int, like: torch.Tensor | None = None) -> None:
-        """Make room for `rows` rows of `positions` positions, keeping rows 0..self.rows-1. Grows when
-        short; shrinks when more than twice the target. `like` (a (L, B, Hkv, T, D) cache buffer) gives
-        dtype, device and head layout before the first allocation."""
-        have_rows = 0 if self.keys is None else self.keys.shape[1]
-        want_rows, want_positions = self.target(rows, positions)
-        short = rows > have_rows or positions > self.capacity
-        roomy = have_rows * self.capacity > 2 * want_rows * want_positions
-        if short or roomy:
-            self._reallocate(want_rows, want_positions, like)
-
-    def _reallocate(self, rows: int, positions: int, like: torch.Tensor | None) -> None:
-        like = self.keys if self.keys is not None else like
-        assert like is not None, "the first fit needs a filled cache to copy the layout from"
-        _, _, h, _, d = like.shape
-        keys = like.new_zeros(self.n_layers, rows, h, positions, d)
-        values = like.new_zeros(self.n_layers, rows, h, positions, d)
-        if self.keys is not None and self.values is not None and self.rows:
-            kept = min(positions, self.capacity)  # the live rows' lengths are within both
-            keys[:, : self.rows, :, :kept] = self.keys[:, : self.rows, :, :kept]
-            values[:, : self.rows, :, :kept] = self.values[:, : self.rows, :, :kept]
-        self.keys, self.values = keys, values
-
-    def insert(self, row: int, source: KVCache, source_row: int = 0) -> None:
-        """Copy one sequence of a (prefill) KVCache into `row`."""
-        assert self.keys is not None and self.values is not None and source.keys is not None
-        assert source.values is not None
-        n = source.length
-        self._clear_tail(row, n)
-        self.keys[:, row, :, :n] = source.keys[:, source_row, :, :n]
-        self.values[:, row, :, :n] = source.values[:, source_row, :, :n]
-        self.lengths[row] = n
-
-    def _clear_tail(self, row: int, n: int) -> None:
-        """Zero what a row's previous sequence left past position n, including one position a failed
-        forward may have written: masked keys must stay finite (a masked weight is 0, and 0 x inf is NaN)."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention, scale: float):
+        """Store (1, Hkv, N, D) keys/values at their slots; (1, H, N, D) queries -> (1, H, N, D) outputs.
+        `attention(q, k, v, mask)` is the model's path choice for one prefill piece."""
+        if layer == 0:
+            self._ensure(k)
         assert self.keys is not None and self.values is not None
-        old = min(int(self.lengths[row]) + 1, self.capacity)
-        if old > n:
-            self.keys[:, row, :, n:old] = 0
-            self.values[:, row, :, n:old] = 0
-
-    def move(self, src: int, dst: int) -> None:
-        """Copy row `src` over row `dst` (compaction after a sequence retires)."""
-        assert self.keys is not None and self.values is not None
-        n = int(self.lengths[src])
-        self._clear_tail(dst, n)
-        self.keys[:, dst, :, :n] = self.keys[:, src, :, :n]
-        self.values[:, dst, :, :n] = self.values[:, src, :, :n]
-        self.lengths[dst] = n
-
-    def release(self) -> None:
-        """Free the buffers (nothing running); the next fit allocates afresh."""
-        self.keys = self.values = None
-        self.rows, self.select = 0, None
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (n, Hkv, T, D) keys/values at each row's own positions; return (n, Hkv, Tk, D)."""
-        assert self.keys is not None and self.values is not None
-        n, T = k.shape[0], k.shape[2]
-        pos = self.starts[:, None] + torch.arange(T)  # (n, T)
-        end = int(pos.max()) + 1
-        assert end <= self.capacity, "SlotCache.fit was not called for this step"
-        row = (self.select if self.select is not None else torch.arange(n))[:, None]  # (n, 1)
-        self.keys[layer, row, :, pos] = k.transpose(1, 2)  # indexed (n, T, Hkv, D)
-        self.values[layer, row, :, pos] = v.transpose(1, 2)
-        if self.select is not None:  # a subset of the rows: gathered (a copy), only when isolating a failure
-            return self.keys[layer, self.select, :, :end], self.values[layer, self.select, :, :end]
-        return self.keys[layer, :n, :, :end], self.values[layer, :n, :, :end]
-
-    def advance(self, n: int) -> None:
-        if self.select is not None:
-            self.lengths[self.select] += n
-        else:
-            self.lengths[: self.rows] += n
+        keys, values = self.keys[layer], self.values[layer]  # (slots, Hkv, D)
+        keys.index_copy_(0, self.slots, k[0].transpose(0, 1).to(keys.dtype))
+        values.index_copy_(0, self.slots, v[0].transpose(0, 1).to(values.dtype))
+        out = []
+        n = self.decodes
+        if n:
+            B, T = self.decode_keys.shape
+            kd = keys[self.decode_keys.flatten()].view(B, T, *keys.shape[1:]).transpose(1, 2)  # (B, Hkv, T, D)
+            vd = values[self.decode_keys.flatten()].view(B, T, *values.shape[1:]).transpose(1, 2)
+            qd = q[0, :, :n].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
+            out.append(decode_attention(qd, kd, vd, self.decode_bias, scale).squeeze(2).transpose(0, 1).unsqueeze(0))
+        offset = n
+        for (start, count, slots), mask in zip(self.segments[n:], self.masks):
+            qs = q[:, :, offset : offset + count]
+            if start == 0:  # nothing cached before it: this forward's own keys, the fresh-prompt path
+                ks, vs = k[:, :, offset : offset + count], v[:, :, offset : offset + count]
+            else:
+                ks, vs = keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None]  # (1, Hkv, T, D)
+            out.append(attention(qs, ks, vs, mask))
+            offset += count
+        return out[0] if len(out) == 1 else torch.cat(out, dim=2)
 
 
 class AttentionMask:
@@ -267,10 +271,8 @@ class AttentionMask:
         device: torch.device,
         key_valid: torch.Tensor | None = None,
         sequence_id: torch.Tensor | None = None,
-        row_start: torch.Tensor | None = None,
     ):
         self.q_len, self.k_len, self.past = q_len, k_len, k_len - q_len
-        self.row_start = row_start  # (B,) each row's first query position (SlotCache); else all at `past`
         self.slopes = slopes  # (H,) fp32 on `device`
         self.key_valid = key_valid  # (B, Tk) bool
         self.sequence_id = sequence_id  # (B, Tk) int
@@ -286,15 +288,12 @@ class AttentionMask:
     @property
     def simple(self) -> bool:
         """Causal only: no padding and no packed documents."""
-        return self.key_valid is None and self.sequence_id is None and self.row_start is None
+        return self.key_valid is None and self.sequence_id is None
 
     def bias(self, start: int, end: int) -> torch.Tensor:
         """Additive fp32 bias for query rows [start, end): (B or 1, H or 1, end-start, Tk), -inf where masked."""
         offsets = torch.arange(start, end, device=self.key_pos.device)
-        if self.row_start is not None:
-            q_pos = self.row_start.to(offsets.device)[:, None] + offsets  # (B, c)
-        else:  # no host tensor: traces with symbolic lengths (the ONNX export builds its bias here too)
-            q_pos = (offsets + self.past)[None]  # (1, c)
+        q_pos = (offsets + self.past)[None]  # (1, c); no host tensor: traces with symbolic lengths (ONNX export)
         allowed = self.key_pos[None, None, :] <= q_pos[:, :, None]  # (B|1, c, Tk)
         if self.sequence_id is not None:
             sid_q = self.sequence_id[:, self.past + start : self.past + end]
@@ -309,7 +308,7 @@ class AttentionMask:
 
     def bias_shape(self) -> tuple[int, int]:
         """The (batch, heads) of the bias this mask builds: 1 where it does not vary."""
-        per_row = next((t for t in (self.sequence_id, self.key_valid, self.row_start) if t is not None), None)
+        per_row = next((t for t in (self.sequence_id, self.key_valid) if t is not None), None)
         return 1 if per_row is None else per_row.shape[0], 1 if self.slopes is None else len(self.slopes)
 
     def decode_bias(self) -> torch.Tensor | None:
@@ -456,13 +455,22 @@ class MPTAttention(nn.Module):
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | SlotCache | None, layer: int
+        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | PagedCache | None, layer: int
     ) -> torch.Tensor:
         cfg = self.cfg
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, Hkv, past + T, D)
+        if isinstance(cache, PagedCache):  # each sequence of the step attends to its own blocks
+            y = cache.attend(layer, q, k, v, self.attention, self.scale)
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)  # (B, Hkv, past + T, D)
+            y = self.attention(q, k, v, mask)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, cfg.d_model))  # (B, T, d)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        """The attention path for this call's mask, device and mode (each is exact; see the paths above)."""
+        cfg = self.cfg
         dropout_p = cfg.attn_pdrop if self.training else 0.0
         fresh = mask.simple and mask.q_len == mask.k_len  # training / prefill: no cache, padding or packing
         if cfg.attn_impl == "eager":  # the reference: materializes the scores
@@ -477,7 +485,7 @@ class MPTAttention(nn.Module):
             y = decode_attention(q, k, v, mask.decode_bias(), self.scale)
         else:
             y = biased_attention(q, k, v, mask, self.scale, dropout_p)
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, cfg.d_model))  # (B, T, d)
+        return y
 
 
 class MPTMLP(nn.Module):
@@ -502,7 +510,7 @@ class MPTBlock(nn.Module):
         self.resid_ffn_dropout = nn.Dropout(cfg.resid_pdrop)
 
     def forward(
-        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | SlotCache | None = None, layer: int = 0
+        self, x: torch.Tensor, mask: AttentionMask, cache: KVCache | PagedCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         x = x + self.resid_attn_dropout(self.attn(self.norm_1(x), mask, cache, layer))
         return x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
@@ -535,7 +543,7 @@ class MPTModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         sequence_id: torch.Tensor | None = None,
-        cache: KVCache | SlotCache | None = None,
+        cache: KVCache | PagedCache | None = None,
     ) -> torch.Tensor:
         """(B, T) token ids -> (B, T, d) final hidden states.
 
@@ -544,12 +552,11 @@ class MPTModel(nn.Module):
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
-        starts = cache.starts.to(input_ids.device) if isinstance(cache, SlotCache) else None  # per-row positions
         x = self.wte(input_ids)  # (B, T, d)
         if self.cfg.learned_pos_emb:
             pos = torch.arange(past, past + T, device=x.device)  # (T,)
-            if starts is not None:
-                pos = starts[:, None] + torch.arange(T, device=x.device)  # (B, T)
+            if isinstance(cache, PagedCache):
+                pos = cache.positions  # each sequence's own positions
             elif attention_mask is not None:  # left padding: a row's first real token is position 0
                 pos = (pos - (attention_mask == 0).cumsum(dim=1)[:, past : past + T]).clamp(min=0)  # (B, T)
             if int(pos.max()) >= self.cfg.max_seq_len:
@@ -563,7 +570,7 @@ class MPTModel(nn.Module):
             x = x * f + x.detach() * (1 - f)
         x = self.emb_drop(x)
         key_valid = attention_mask.bool() if attention_mask is not None and not attention_mask.all() else None
-        mask = AttentionMask(T, past + T, self.alibi_slopes(x.device), x.device, key_valid, sequence_id, starts)
+        mask = AttentionMask(T, past + T, self.alibi_slopes(x.device), x.device, key_valid, sequence_id)
         for i, block in enumerate(self.blocks):
             x = block(x, mask, cache, i)
         if cache is not None:
@@ -635,7 +642,7 @@ class MPTForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         sequence_id: torch.Tensor | None = None,
-        cache: KVCache | SlotCache | None = None,
+        cache: KVCache | PagedCache | None = None,
         logits_to_keep: int = 0,
         labels: torch.Tensor | None = None,
         logits_mask: torch.Tensor | None = None,

@@ -110,7 +110,7 @@ def test_the_last_token_is_always_computed_even_when_every_block_is_cached():
     again = Seq(list(range(8)))
     s.add(again)
     plan = run_step(s)
-    assert [(p.start, p.count) for p in plan.pieces] == [(4, 4)]  # 1 block hit; the block with the last token recomputed
+    assert [(p.start, p.count) for p in plan.pieces] == [(4, 4)]  # 1 block hit; the last token's block recomputed
 
 
 def test_different_content_after_a_shared_block_misses_and_unshared_sequences_never_hit():

@@ -125,7 +125,9 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
         return
     served.metrics.gauge("requests_running", "Sequences being prefilled or decoded.", lambda: engine.load[0])
     served.metrics.gauge("requests_waiting", "Requests queued for a batch slot.", lambda: engine.load[1])
-    served.metrics.gauge("kv_cache_bytes", "Bytes held by the decode KV cache.", lambda: engine.cache.nbytes)
+    served.metrics.gauge(
+        "kv_cache_bytes", "Bytes of KV-cache blocks in use or kept for prefix hits.", lambda: engine.kv_held_bytes
+    )
     _ = tok.max_token_bytes  # computed once now (a pass over the vocabulary), not on the first request
     served.engine = engine.start()
     precision = precision_of(model)

@@ -1,19 +1,23 @@
-"""Continuous batching: one scheduler thread owns the model and serves many requests at once.
+"""Continuous batching: one engine thread owns the model and serves many requests at once.
 
-Between decode steps the scheduler admits waiting requests and prefills them (a long prompt in
-chunks of `prefill_chunk` tokens, so running sequences keep decoding meanwhile), then decodes every
-running sequence as one batch on a SlotCache (each row at its own length) and retires the finished
-ones. A sequence's numbers do not depend on the batch: its prompt is prefilled alone, its decode
-row attends only to its own keys with its own ALiBi offsets, and a seeded sequence draws from its
-own generator. The HTTP layer talks to the engine through `submit`, `cancel` and the events each
-request's `sink` receives (called on the engine thread; it must not block).
+The decisions are the scheduler's (longboi.serve.scheduler: which sequences compute how many tokens,
+which wait, which give way when the paged KV cache runs out, which prompt blocks come from the prefix
+cache); this module runs them. Each step is one forward over one row of tokens: every running
+sequence's next token and pieces of several prompts, each sequence attending to its own blocks
+(PagedCache). Then the positions that need logits go through the LM head together, prompts that are
+in sample their first token (a request's n choices fork from one prompt), and the others sample.
 
-No request can hurt another. Work for one job (prefill, start) that raises fails that job alone;
-a batched step (decode forward, sampling) that raises is rerun row by row, so only the jobs whose
-own rows fail are failed and every other row goes on. Every job is in `jobs` from `submit` to its
-last event, so none can be lost between queues. Memory follows the work: the KV cache holds the
-rows running at their current lengths, admission keeps the worst case (every admitted choice at
-prompt + max_tokens) within `kv_cache_bytes`, and the idle engine gives its memory back.
+A sequence's numbers do not depend on the batch: its prompt is cut in the same chunk-aligned pieces
+whatever else runs, it attends only to its own keys with its own ALiBi offsets, and a seeded sequence
+draws from its own generator. What batching can change is the last bits of a matmul (the BLAS picks
+kernels by the number of rows), never which keys a row sees. A prefix-cache hit gives keys/values
+computed in another request's pieces: equal to recomputing them up to that rounding.
+
+No request can hurt another. A batched forward or sampling step that raises is rerun piece by piece,
+so only the jobs whose own pieces fail are failed and every other sequence goes on. Every job is in
+`jobs` from `submit` to its last event, so none can be lost between queues. Memory follows the work:
+the cache holds the blocks of the tokens in use (and prefix blocks kept for reuse while nothing needs
+the room), and an engine idle for `idle_release` seconds gives all of it back.
 """
 
 from __future__ import annotations
@@ -30,11 +34,16 @@ from dataclasses import dataclass, field
 import torch
 
 from longboi.generate import SamplingParams, _RowText, pick, process_logits, token_counts
-from longboi.model import KVCache, MPTForCausalLM, SlotCache
+from longboi.model import MPTForCausalLM, PagedCache
 from longboi.serve.metrics import Metrics
+from longboi.serve.scheduler import Piece, Scheduler, Seq
 from longboi.tokenizer import Tokenizer
 
 log = logging.getLogger("longboi.serve")
+
+BLOCK_SIZE = 16  # positions per KV-cache block (vLLM's default): small enough that little is wasted
+STEP_TOKENS = 1024  # prompt tokens one step may compute (decodes come on top)
+IDLE_RELEASE_S = 0.5  # an engine idle this long frees its cache, prefix blocks included
 
 
 class QueueFull(Exception):
@@ -83,13 +92,17 @@ class Job:
     first_token_at: float | None = None
     open_choices: int = 0
     generated: int = 0
+    started: bool = False  # its prompt is in and its choices have forked
+    prompt_info: list[TokenInfo] = field(default_factory=list)  # scored prompt tokens so far
 
 
 class Sequence:
-    """One choice of a job while it runs: its tokens, text, generator and KV-cache row."""
+    """One choice of a job: its generated tokens, text, generator, and its scheduler sequence `seq`
+    (prompt + generated tokens, KV blocks)."""
 
-    def __init__(self, job: Job, index: int, tok: Tokenizer, vocab: int, device: torch.device):
-        self.job, self.index, self.params = job, index, job.params
+    def __init__(self, job: Job, index: int, tok: Tokenizer, vocab: int, device: torch.device, seq: Seq):
+        self.job, self.index, self.params, self.seq = job, index, job.params, seq
+        seq.owner = self
         self.tokens: list[int] = []
         self.pending: list[TokenInfo] = []  # sampled, not yet sent (their text is held back)
         self.text = _RowText(tok, job.params.stop)
@@ -107,16 +120,6 @@ class Sequence:
         return len(self.job.prompt) + len(self.tokens)
 
 
-@dataclass
-class _Prefill:
-    """A job whose prompt is going through the model, chunk by chunk."""
-
-    job: Job
-    cache: KVCache
-    done: int = 0
-    prompt_info: list[TokenInfo] = field(default_factory=list)
-
-
 def kv_bytes_per_token(model: MPTForCausalLM) -> int:
     """KV-cache bytes one position of one sequence takes: keys and values of every layer."""
     cfg = model.config
@@ -125,8 +128,9 @@ def kv_bytes_per_token(model: MPTForCausalLM) -> int:
 
 
 class Engine:
-    """The scheduler. `max_batch` sequences decode together; `max_queue` jobs may wait for a slot;
-    `kv_cache_bytes` (None: no limit but max_batch x max_model_len) bounds the KV cache."""
+    """The runner. `max_batch` sequences run together; `max_queue` jobs may wait; `kv_cache_bytes`
+    (None: room for max_batch sequences of max_model_len) bounds the paged KV cache; `prefix_cache`
+    False computes every prompt in full (for comparison)."""
 
     def __init__(
         self,
@@ -138,6 +142,9 @@ class Engine:
         prefill_chunk: int = 256,
         metrics: Metrics | None = None,
         kv_cache_bytes: int | None = None,
+        prefix_cache: bool = True,
+        step_tokens: int = STEP_TOKENS,
+        idle_release: float = IDLE_RELEASE_S,
     ):
         self.model, self.tok = model.eval(), tok
         self.device = next(model.parameters()).device  # token ids, generators and counts live there too
@@ -145,11 +152,15 @@ class Engine:
         self.max_model_len = max_model_len or model.config.max_seq_len
         self.metrics = metrics or Metrics()
         self.vocab = tok.vocab_size  # ids past it (the padded vocab) are never sampled
-        self.cache = SlotCache(model.config.n_layers, max_batch, self.max_model_len)
         self.kv_token_bytes, self.kv_cache_bytes = kv_bytes_per_token(model), kv_cache_bytes
-        self.waiting: deque[Job] = deque()
-        self.prefilling: deque[_Prefill] = deque()
-        self.running: list[Sequence] = []  # running[i] decodes in cache row i
+        self.block_bytes = BLOCK_SIZE * self.kv_token_bytes
+        per_row = -(-self.max_model_len // BLOCK_SIZE)
+        blocks = kv_cache_bytes // self.block_bytes if kv_cache_bytes is not None else max_batch * per_row
+        self.scheduler = Scheduler(blocks + 1, BLOCK_SIZE, max_batch, prefill_chunk, step_tokens)
+        self.cache = PagedCache(model.config.n_layers, blocks + 1, BLOCK_SIZE)
+        self.prefix_cache, self.idle_release = prefix_cache, idle_release
+        self.waiting: deque[Job] = deque()  # submitted, not yet handed to the scheduler
+        self.sequences: list[Sequence] = []  # every choice the scheduler holds (running or waiting)
         self.jobs: set[Job] = set()  # every job from submit to its last event
         self.idle = True
         self.wake = threading.Condition()
@@ -163,14 +174,14 @@ class Engine:
         return self
 
     def kv_bytes(self, n: int, prompt_tokens: int, max_tokens: int) -> int:
-        """The most KV-cache memory a job of n choices can need (all of them at their longest)."""
-        return self._kv_cost(n, self._final_length(prompt_tokens, max_tokens), prompt_tokens)
+        """The most KV-cache memory a job of n choices can need (all of them at their longest): the
+        prompt's full blocks once, each choice's other blocks."""
+        final = self._final_length(prompt_tokens, max_tokens)
+        shared = prompt_tokens // BLOCK_SIZE
+        return (shared + n * (-(-final // BLOCK_SIZE) - shared)) * self.block_bytes
 
-    def _kv_cost(self, rows: int, longest: int, prefill_tokens: int) -> int:
-        """Bytes of `rows` cache rows sized for a longest sequence of `longest` positions, as `fit` would
-        allocate them, plus the prefill caches of `prefill_tokens` prompt tokens."""
-        cache_rows, positions = self.cache.target(rows, longest)
-        return (cache_rows * positions + prefill_tokens) * self.kv_token_bytes
+    def _final_length(self, prompt_tokens: int, max_tokens: int) -> int:
+        return min(prompt_tokens + max_tokens, max(self.max_model_len, prompt_tokens + 1))
 
     def fitting_tokens(self, n: int, prompt_tokens: int, wanted: int) -> int:
         """The largest max_tokens up to `wanted` whose worst case fits the KV-cache limit (0: none)."""
@@ -181,6 +192,11 @@ class Engine:
             low, high = (mid, high) if fits(mid) else (low, mid - 1)
         return low if fits(low) else 0
 
+    @property
+    def kv_held_bytes(self) -> int:
+        """Bytes of KV-cache blocks in use or kept for prefix hits (0 once the idle engine released them)."""
+        return self.scheduler.pool.held * self.block_bytes if self.cache.keys is not None else 0
+
     def submit(self, job: Job) -> None:
         """Queue a job, or raise QueueFull when `max_queue` jobs already wait."""
         if not job.prompt or job.n < 1 or job.n > self.max_batch:
@@ -188,14 +204,14 @@ class Engine:
         if len(job.prompt) >= self.max_model_len:
             raise ValueError(f"a prompt of {len(job.prompt)} tokens leaves no room under max_model_len")
         with self.wake:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(self.scheduler.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--max-queue {self.max_queue})")
             self.waiting.append(job)
             self.jobs.add(job)
             self.wake.notify()
 
     def cancel(self, job: Job) -> None:
-        """Forget a job (its client went away): its rows are freed before the next decode step."""
+        """Forget a job (its client went away): its blocks are freed before the next step."""
         with self.wake:
             job.cancelled = True
             self.wake.notify()
@@ -208,17 +224,20 @@ class Engine:
 
     @property
     def load(self) -> tuple[int, int]:
-        """(running sequences incl. prefilling jobs, waiting jobs), for metrics and health."""
-        return len(self.running) + len(self.prefilling), len(self.waiting)
+        """(running sequences, waiting jobs), for metrics and health."""
+        return len(self.scheduler.running), len(self.waiting) + len(self.scheduler.waiting)
 
-    # -- the scheduler thread --------------------------------------------------------------------
+    # -- the engine thread -----------------------------------------------------------------------
 
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self.wake:
-                while not (self.stopping or self.waiting or self.prefilling or self.running):
-                    self.wake.wait()
+                while not (self.stopping or self.waiting or self.sequences):
+                    if self.idle:
+                        self.wake.wait()
+                    elif not self.wake.wait(timeout=self.idle_release):
+                        self._rest()  # idle long enough: give the memory back
                 if self.stopping:
                     break
             try:
@@ -230,133 +249,165 @@ class Engine:
 
     def _step(self) -> None:
         self._drop_cancelled()
-        self._admit()
-        self._prefill()
-        if self.running:
-            self._decode()
-        if not (self.running or self.prefilling):
-            self._rest()
+        self._take_new()
+        plan = self.scheduler.schedule()
+        self.metrics.count("preemptions", len(plan.preempted))
+        if plan.pieces:
+            self.idle = False
+            self._run(plan.pieces)
+        elif self.scheduler.waiting and not self.scheduler.running:  # the head cannot fit even alone
+            self._refuse(self.scheduler.waiting[0].owner.job)
+        self._sweep()
 
     def _rest(self) -> None:
-        """Nothing in flight: give the KV cache and the allocator's free pages back, once per busy spell."""
-        if not self.idle:
-            self.idle = True
-            self.cache.release()
-            _trim_heap()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # the caching allocator's blocks go back to the GPU too
+        """Nothing in flight for a while: give the KV cache and the allocator's free pages back."""
+        self.idle = True
+        self.cache.release()
+        self.scheduler.reset_cache()
+        _trim_heap()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the caching allocator's blocks go back to the GPU too
+
+    def _take_new(self) -> None:
+        """Hand submitted jobs to the scheduler: choice 0 computes the prompt; the others fork from it."""
+        with self.wake:
+            jobs, self.waiting = list(self.waiting), deque()
+        for job in jobs:
+            seq = Seq(list(job.prompt), forks=job.n - 1, shared=self.prefix_cache and job.prompt_logprobs is None)
+            self.sequences.append(Sequence(job, 0, self.tok, self.model.config.vocab_size, self.device, seq))
+            self.scheduler.add(seq)
+
+    def _refuse(self, job: Job) -> None:
+        need = self.kv_bytes(job.n, len(job.prompt), job.params.max_new_tokens)
+        limit = (self.kv_cache_bytes or 0) / 2**20
+        self._fail(job, f"the request needs {need / 2**20:.1f} MiB of KV cache; the limit is {limit:.1f} MiB")
 
     def _drop_cancelled(self) -> None:
         with self.wake:
             cancelled = [j for j in self.jobs if j.cancelled]  # under the lock: submit adds to jobs
         for job in cancelled:
-            self._end(job)  # out of the waiting and prefill lines; its rows go at the sweep
+            self._end(job)  # out of the waiting line; its sequences go at the sweep
         self._sweep()
 
-    def _admit(self) -> None:
-        """Move waiting jobs to prefill while their choices fit in free rows and, at their longest, in
-        the KV-cache budget (first come, first served: a big job is not overtaken forever)."""
-        with self.wake:
-            while self.waiting and self._fits(self.waiting[0]):
-                job = self.waiting.popleft()
-                self.prefilling.append(_Prefill(job, self.model.new_cache(len(job.prompt))))
-                self.idle = False
-            if self.waiting and not (self.running or self.prefilling):  # cannot fit even alone
-                job = self.waiting.popleft()
-                need = self.kv_bytes(job.n, len(job.prompt), job.params.max_new_tokens)
-                limit = (self.kv_cache_bytes or 0) / 2**20  # (only reached with a limit: submit checks n)
-                self._fail(job, f"the request needs {need / 2**20:.1f} MiB of KV cache; the limit is {limit:.1f} MiB")
+    # -- one step --------------------------------------------------------------------------------
 
-    def _fits(self, job: Job) -> bool:
-        rows = len(self.running) + sum(p.job.n for p in self.prefilling) + job.n
-        if rows > self.max_batch:
-            return False
-        if self.kv_cache_bytes is None:
-            return True
-        jobs = [s.job for s in self.running] + [p.job for p in self.prefilling] + [job]
-        longest = max(self._final_length(len(j.prompt), j.params.max_new_tokens) for j in jobs)
-        prefill_tokens = sum(len(p.job.prompt) for p in self.prefilling) + len(job.prompt)
-        return self._kv_cost(rows, longest, prefill_tokens) <= self.kv_cache_bytes
+    def _run(self, pieces: list[Piece]) -> None:
+        """One forward for the plan (piece by piece if that fails), then logits, scores and samples."""
+        done, hidden = self._isolated_forward(pieces)
+        for p in done:
+            self.scheduler.computed(p.seq, p.count)
+            if not p.decode:
+                self.metrics.count("prompt_tokens", p.count)
+        decodes = [p for p in done if p.decode]
+        if decodes:
+            self.metrics.observe("batch_size", len(decodes))
+        rows, wants = self._logit_rows(done)
+        logits = self.model.head(hidden[rows]) if rows else None
+        advance: list[tuple[Sequence, torch.Tensor]] = []
+        for p, (score, last) in zip(done, wants):
+            s: Sequence = p.seq.owner
+            if s.job.ended:
+                continue
+            if score:
+                self._score_prompt(s.job, p, logits[score[0] : score[1]])
+            if last is None:
+                continue
+            if s.job.started:
+                advance.append((s, logits[last]))
+            else:
+                try:
+                    self._start(s, logits[last])
+                except Exception as e:  # this job's fault alone
+                    log.exception("starting a request failed")
+                    self._fail(s.job, e)
+        if advance:
+            self._advance([s for s, _ in advance], torch.stack([row for _, row in advance]))
 
-    def _final_length(self, prompt_tokens: int, max_tokens: int) -> int:
-        return min(prompt_tokens + max_tokens, max(self.max_model_len, prompt_tokens + 1))
-
-    def _prefill(self) -> None:
-        """Spend up to `prefill_chunk` prompt tokens on the jobs at the head of the prefill line."""
-        budget = self.prefill_chunk
-        while self.prefilling and budget > 0:
-            p = self.prefilling[0]
-            end = min(len(p.job.prompt), p.done + budget)
-            budget -= end - p.done
+    def _isolated_forward(self, pieces: list[Piece]) -> tuple[list[Piece], torch.Tensor]:
+        """(pieces computed, (N, d) hidden states of their tokens): all in one forward; if that raises,
+        each piece alone, failing only the jobs whose own piece raises."""
+        try:
+            return pieces, self._forward(pieces)
+        except Exception as e:
+            if len(pieces) == 1:
+                log.exception("a step failed for one request")
+                self._fail(pieces[0].seq.owner.job, e)
+                return [], torch.empty(0)
+            log.exception("a batched step failed: running its %d pieces one at a time", len(pieces))
+        done, hidden = [], []
+        for p in pieces:
+            if p.seq.owner.job.ended:
+                continue
             try:
-                logits = self._prefill_chunk(p, end)
-                p.done = end
-                if end == len(p.job.prompt):
-                    self.prefilling.popleft()
-                    self._start(p, logits)
-            except Exception as e:  # this job's fault alone
-                log.exception("prefill failed")
-                self._fail(p.job, e)
-                self._sweep()  # choices it had already put in rows
+                hidden.append(self._forward([p]))
+                done.append(p)
+            except Exception as e:
+                self._fail(p.seq.owner.job, e)
+        return done, torch.cat(hidden) if hidden else torch.empty(0)
 
-    def _prefill_chunk(self, p: _Prefill, end: int) -> torch.Tensor:
-        """Run prompt tokens [done, end) through the model; return the last position's (V,) logits."""
-        ids = torch.tensor([p.job.prompt[p.done : end]], device=self.device)
-        keep = 0 if p.job.prompt_logprobs is not None else 1
-        logits = self.model(ids, cache=p.cache, logits_to_keep=keep)[0]  # (T or 1, V)
-        if p.job.prompt_logprobs is not None:
-            if p.done == 0:
-                p.prompt_info.append(TokenInfo(p.job.prompt[0]))  # nothing predicts the first token
-            targets = p.job.prompt[p.done + 1 : end + 1]  # the next chunk's first token is scored here
-            p.prompt_info += self._scored(logits[: len(targets)], targets, p.job.prompt_logprobs)
-        self.metrics.count("prompt_tokens", end - p.done)
-        return logits[-1]
+    def _forward(self, pieces: list[Piece]) -> torch.Tensor:
+        """Run the pieces (decodes first) as one (1, N) row; return the (N, d) final hidden states."""
+        segments = [(p.start, p.count, p.seq.blocks) for p in pieces]
+        decodes = sum(1 for p in pieces if p.decode)
+        slopes = self.model.transformer.alibi_slopes(self.device)
+        self.cache.plan(segments, decodes, slopes, self.device)
+        ids = [t for p in pieces for t in p.seq.tokens[p.start : p.start + p.count]]
+        return self.model.transformer(torch.tensor([ids], device=self.device), cache=self.cache)[0]
 
-    def _start(self, p: _Prefill, logits: torch.Tensor) -> None:
-        """A prompt is in: sample each choice's first token and give each choice a cache row."""
-        job = p.job
-        job.open_choices = job.n
-        if p.prompt_info:
-            self._emit(job, Event(prompt=p.prompt_info))
-        seqs = [Sequence(job, i, self.tok, logits.shape[-1], self.device) for i in range(job.n)]
+    def _logit_rows(self, pieces: list[Piece]) -> tuple[list[int], list[tuple[tuple[int, int] | None, int | None]]]:
+        """Hidden-state rows that go through the LM head: a prompt's positions still to be scored
+        (prompt_logprobs), and each piece's last position when it ends its sequence's tokens. Returns the
+        rows and, per piece, its (first, end) scoring range and its last row's index among them."""
+        rows, wants, offset = [], [], 0
+        for p in pieces:
+            job = p.seq.owner.job
+            score = None
+            if job.prompt_logprobs is not None and not job.started:
+                first = max(p.start, len(job.prompt_info) - 1, 0)  # position j scores prompt token j + 1
+                end = min(p.start + p.count, len(job.prompt) - 1)
+                if end > first:
+                    score = (len(rows), len(rows) + end - first)
+                    rows += range(offset + first - p.start, offset + end - p.start)
+            last = None
+            if p.last:
+                last = len(rows)
+                rows.append(offset + p.count - 1)
+            wants.append((score, last))
+            offset += p.count
+        return rows, wants
+
+    def _score_prompt(self, job: Job, p: Piece, logits: torch.Tensor) -> None:
+        """Log-probabilities of the prompt tokens these positions predict (echo)."""
+        if not job.prompt_info:
+            job.prompt_info.append(TokenInfo(job.prompt[0]))  # nothing predicts the first token
+        first = len(job.prompt_info)
+        job.prompt_info += self._scored(logits, job.prompt[first : first + len(logits)], job.prompt_logprobs)
+
+    def _start(self, s: Sequence, logits: torch.Tensor) -> None:
+        """A prompt is in: the job's other choices fork from it, and each samples its first token."""
+        job = s.job
+        job.started, job.open_choices = True, job.n
+        if job.prompt_info:
+            self._emit(job, Event(prompt=job.prompt_info))
+        seqs = [s] + [self._forked(s, i) for i in range(1, job.n)] if job.n > 1 else [s]
         if job.params.max_new_tokens == 0:  # echo-only scoring: nothing to generate
-            for s in seqs:
-                self._finish_choice(s, "length")
+            for choice in seqs:
+                self._finish_choice(choice, "length")
             return
-        self.cache.fit(len(self.running) + len(seqs), max(self._longest(), len(job.prompt)) + 1, like=p.cache.keys)
-        for s in seqs:
-            self.cache.insert(len(self.running), p.cache)
-            self.running.append(s)
-            self.cache.rows = len(self.running)
         self._advance(seqs, logits.repeat(len(seqs), 1))
 
-    def _longest(self) -> int:
-        """The longest running sequence's cached positions."""
-        return int(self.cache.lengths[: len(self.running)].max()) if self.running else 0
-
-    def _decode(self) -> None:
-        """One token for every running sequence, in one forward (row by row if that forward fails)."""
-        self.cache.rows = len(self.running)
-        self.cache.fit(len(self.running), self._longest() + 1)  # grows, or shrinks after retirements
-        seqs, logits = self._isolated(list(self.running), self._decode_rows)
-        if seqs:
-            self.metrics.observe("batch_size", len(seqs))
-            self._advance(seqs, torch.stack(logits))
-        self._sweep()
-
-    def _decode_rows(self, rows: list[int]) -> list[torch.Tensor]:
-        """(V,) next-token logits of the running sequences in cache rows `rows`, one forward."""
-        every = len(rows) == len(self.running)
-        before = self.cache.lengths.clone()  # a forward that fails after the cache advanced is undone
-        self.cache.select = None if every else torch.tensor(rows)
-        try:
-            ids = torch.tensor([[self.running[r].tokens[-1]] for r in rows], device=self.device)
-            return list(self.model(ids, cache=self.cache, logits_to_keep=1)[:, -1])  # rows x (V,)
-        except Exception:
-            self.cache.lengths.copy_(before)
-            raise
-        finally:
-            self.cache.select = None
+    def _forked(self, s: Sequence, index: int) -> Sequence:
+        """Choice `index` of s's job, sharing s's prompt blocks (the first fork makes all of them)."""
+        if index == 1:
+            forked = self.scheduler.fork(s.seq, s.job.n - 1)
+            if forked is None:
+                raise RuntimeError("no KV-cache blocks left for the request's choices")
+            self._forks, copies = forked
+            for src, dst in copies:
+                self.cache.copy_block(src, dst)
+        choice = Sequence(s.job, index, self.tok, self.model.config.vocab_size, self.device, self._forks[index - 1])
+        self.sequences.append(choice)
+        return choice
 
     def _isolated(self, seqs: list[Sequence], run: Callable[[list[int]], list]) -> tuple[list[Sequence], list]:
         """run(indices of seqs) for all of them at once; if that raises, for each sequence alone, failing
@@ -449,6 +500,7 @@ class Engine:
             job.first_token_at = now
             self.metrics.observe("time_to_first_token_seconds", now - job.submitted)
         s.tokens.append(token)
+        s.seq.tokens.append(token)
         job.generated += 1
         self.metrics.count("generation_tokens", 1)
         if s.counts is not None:
@@ -481,20 +533,14 @@ class Engine:
             self._end(job)
 
     def _sweep(self) -> None:
-        """Retire every row whose sequence finished or whose job ended."""
-        for row in reversed(range(len(self.running))):
-            s = self.running[row]
+        """Hand back the blocks of every sequence that finished or whose job ended."""
+        keep = []
+        for s in self.sequences:
             if s.finished or s.job.ended:
-                self._retire(row)
-
-    def _retire(self, row: int) -> None:
-        """Free a cache row: the last running sequence moves into it, so rows stay contiguous."""
-        last = len(self.running) - 1
-        if row != last:
-            self.cache.move(last, row)
-            self.running[row] = self.running[last]
-        self.running.pop()
-        self.cache.rows = len(self.running)
+                self.scheduler.finish(s.seq)
+            else:
+                keep.append(s)
+        self.sequences = keep
 
     def _emit(self, job: Job, event: Event) -> None:
         if job.cancelled or job.ended:
@@ -506,17 +552,15 @@ class Engine:
             job.cancelled = True
 
     def _end(self, job: Job) -> None:
-        """The job is over (its last event sent, or nobody listens): forget it everywhere."""
+        """The job is over (its last event sent, or nobody listens): forget it; its blocks go at the sweep."""
         job.ended = True
         with self.wake:
             self.jobs.discard(job)
             if job in self.waiting:
                 self.waiting.remove(job)
-        if any(p.job is job for p in self.prefilling):
-            self.prefilling = deque(p for p in self.prefilling if p.job is not job)
 
     def _fail(self, job: Job, error: Exception | str) -> None:
-        """Fail one job: its error event now, its rows freed at the next sweep; the others go on."""
+        """Fail one job: its error event now, its blocks freed at the next sweep; the others go on."""
         if job.ended:
             return
         if isinstance(error, Exception):
@@ -528,9 +572,11 @@ class Engine:
         with self.wake:
             jobs = list(self.jobs)
             self.waiting.clear()
-        self.prefilling.clear()
-        self.running.clear()
+        for s in self.sequences:
+            self.scheduler.finish(s.seq)
+        self.sequences = []
         self.cache.release()
+        self.scheduler.reset_cache()
         for job in jobs:
             self._emit(job, Event(done=True, error=message))
             self._end(job)

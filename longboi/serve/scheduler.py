@@ -205,11 +205,19 @@ class Scheduler:
             if partial:
                 blocks.append(fresh[i])
                 copies.append((seq.blocks[-1], fresh[i]))
-            forks.append(Seq(list(seq.tokens), computed=seq.computed, blocks=blocks, keys=list(seq.keys), order=seq.order))
+            forks.append(
+                Seq(list(seq.tokens), computed=seq.computed, blocks=blocks, keys=list(seq.keys), order=seq.order)
+            )
         seq.forks = 0
         at = self.running.index(seq) + 1 if seq in self.running else len(self.running)
         self.running[at:at] = forks  # same arrival: they run and are preempted together
         return forks, copies
+
+    def reset_cache(self) -> None:
+        """Forget the prefix cache and start a fresh pool (the engine released its memory; nothing runs)."""
+        assert not self.running and not self.waiting, "blocks are in use"
+        old, self.pool = self.pool, BlockPool(self.pool.total)
+        self.pool.hits, self.pool.evictions = old.hits, old.evictions  # counters run on
 
     @property
     def rows(self) -> int:

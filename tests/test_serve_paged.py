@@ -1,0 +1,152 @@
+"""The serving engine's paged KV cache with the real model: a step mixing decodes and prompt pieces gives
+each sequence the numbers it has alone, prefix-cache hits give the numbers of recomputation, and memory
+pressure evicts and preempts without changing any output."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from conftest import build, small_config
+
+from longboi.generate import SamplingParams
+from longboi.model import PagedCache
+from longboi.serve.engine import Engine, Job, kv_bytes_per_token
+from longboi.tokenizer import Tokenizer
+
+
+def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]], logprobs: int | None = None) -> list[list]:
+    """Submit all jobs at once; each one's (token, logprob) list."""
+    out: dict[int, list] = {k: [] for k in range(len(jobs))}
+    done = threading.Semaphore(0)
+    for k, (prompt, params) in enumerate(jobs):
+
+        def sink(ev, k=k):
+            assert ev.error is None, ev.error
+            out[k].extend((t.id, t.logprob) for t in ev.tokens)
+            if ev.done:
+                done.release()
+
+        engine.submit(Job(prompt, params, sink, logprobs=logprobs))
+    for _ in jobs:
+        assert done.acquire(timeout=120)
+    return [out[k] for k in range(len(jobs))]
+
+
+@pytest.mark.parametrize("kind", ["alibi", "learned", "gqa"])
+def test_one_step_of_mixed_decodes_and_prompt_pieces_equals_each_sequence_alone(kind):
+    cfg = {
+        "alibi": dict(),
+        "learned": dict(alibi=False, learned_pos_emb=True),
+        "gqa": dict(attn_type="grouped_query_attention", kv_n_heads=2),
+    }[kind]
+    model = build(small_config(**cfg), seed=2)
+    a, b = torch.randint(0, 1000, (1, 23)), torch.randint(0, 1000, (1, 11))
+    with torch.no_grad():
+        ref_a, ref_b = model(a)[0], model(b)[0]
+        cache = PagedCache(model.config.n_layers, blocks=32, block_size=4)
+        blocks_a, blocks_b = [5, 1, 2, 9, 3, 4], [8, 7, 6]  # scattered on purpose
+        slopes = model.transformer.alibi_slopes(torch.device("cpu"))
+
+        def step(segments, decodes, ids):
+            cache.plan(segments, decodes, slopes, torch.device("cpu"))
+            return model(torch.tensor([ids]), cache=cache)[0]
+
+        out = step([(0, 10, blocks_a), (0, 5, blocks_b)], 0, a[0, :10].tolist() + b[0, :5].tolist())
+        torch.testing.assert_close(out, torch.cat([ref_a[:10], ref_b[:5]]), atol=2e-5, rtol=0)
+        out = step([(5, 1, blocks_b), (10, 12, blocks_a)], 1, b[0, 5:6].tolist() + a[0, 10:22].tolist())
+        torch.testing.assert_close(out, torch.cat([ref_b[5:6], ref_a[10:22]]), atol=2e-5, rtol=0)
+        out = step([(22, 1, blocks_a), (6, 1, blocks_b)], 2, a[0, 22:].tolist() + b[0, 6:7].tolist())
+        torch.testing.assert_close(out, torch.cat([ref_a[22:], ref_b[6:7]]), atol=2e-5, rtol=0)
+
+
+def test_a_reused_block_never_shows_what_its_last_sequence_left():
+    """A retired sequence may leave inf in a block (an overflowing model); a new sequence in that block
+    reads only the positions it wrote, and gathers pad with the zero block: 0 x inf would be NaN."""
+    model = build(small_config(), seed=2)
+    cache = PagedCache(model.config.n_layers, blocks=8, block_size=4)
+    slopes = model.transformer.alibi_slopes(torch.device("cpu"))
+    with torch.no_grad():
+        cache.plan([(0, 8, [1, 2])], 0, slopes, torch.device("cpu"))
+        model(torch.randint(0, 1000, (1, 8)), cache=cache)
+        cache.keys[:, 4:12] = float("inf")  # what the old sequence left in blocks 1 and 2
+        cache.values[:, 4:12] = float("inf")
+        cache.plan([(0, 2, [2])], 0, slopes, torch.device("cpu"))
+        model(torch.tensor([[5, 6]]), cache=cache)
+        cache.plan([(2, 1, [2]), (1, 1, [3])], 2, slopes, torch.device("cpu"))  # two decodes of unequal length
+        cache.keys[:, 12] = 0  # the other row's first position
+        cache.values[:, 12] = 0
+        out = model(torch.tensor([[7, 8]]), cache=cache)
+    assert torch.isfinite(out).all()
+
+
+@pytest.fixture(scope="module")
+def served(tokenizer_path):
+    from conftest import trained
+
+    tok = Tokenizer(tokenizer_path)
+    return trained(tok), tok
+
+
+def test_a_shared_prefix_is_computed_once_and_gives_the_numbers_of_recomputation(served):
+    model, tok = served
+    system = tok.encode("You are a helpful assistant who answers in the voice of a Shakespearean actor. " * 2)
+    prompts = [system + tok.encode(q) for q in ("ROMEO:", "JULIET: Where", "Tell me of the sea", "KING:")]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    plain = Engine(model, tok, prefill_chunk=16, prefix_cache=False).start()
+    cached = Engine(model, tok, prefill_chunk=16).start()
+    try:
+        reference = run(plain, [(p, params) for p in prompts], logprobs=0)
+        first = run(cached, [(prompts[0], params)], logprobs=0)  # computes the system prompt
+        rest = run(cached, [(p, params) for p in prompts[1:]], logprobs=0)  # take it from the cache
+        assert cached.scheduler.pool.hits >= 3 * (len(system) // 16 * 16) and plain.scheduler.pool.hits == 0
+    finally:
+        plain.stop()
+        cached.stop()
+    for got, want in zip(first + rest, reference):
+        assert [t for t, _ in got] == [t for t, _ in want]  # greedy: the same tokens
+        assert max(abs(g - w) for (_, g), (_, w) in zip(got, want)) < 1e-4  # and the same numbers
+
+
+def test_memory_pressure_evicts_cached_prefixes_and_preempts_without_changing_any_output(served):
+    model, tok = served
+    per_block = 16 * kv_bytes_per_token(model)
+    prompts = [tok.encode(f"Citizen {i}: we are accounted poor citizens, the patricians good {i}") for i in range(8)]
+    params = [SamplingParams(max_new_tokens=30, temperature=0.8, top_k=20, seed=i) for i in range(8)]
+    roomy = Engine(model, tok).start()
+    tight = Engine(model, tok, kv_cache_bytes=6 * per_block).start()  # 6 blocks: each job needs 3 at its longest
+    try:
+        want = run(roomy, list(zip(prompts, params)))
+        got = run(tight, list(zip(prompts, params)))
+        again = run(tight, list(zip(prompts, params)))  # the cached prefixes of the first round are evicted
+    finally:
+        roomy.stop()
+        tight.stop()
+    assert tight.scheduler.preemptions > 0 and tight.scheduler.pool.evictions > 0
+    assert [[t for t, _ in r] for r in got] == [[t for t, _ in r] for r in want]
+    assert [[t for t, _ in r] for r in again] == [[t for t, _ in r] for r in want]
+
+
+def test_n_choices_fork_from_one_prompt_and_each_equals_its_seed_alone(served):
+    model, tok = served
+    prompt = tok.encode("MENENIUS: What work's, my countrymen, in hand?")  # a partial last block to copy
+    engine = Engine(model, tok, prefill_chunk=8).start()
+    try:
+        out: dict[int, list[int]] = {}
+        done = threading.Event()
+
+        def sink(ev):
+            out.setdefault(ev.index, []).extend(t.id for t in ev.tokens)
+            if ev.done:
+                done.set()
+
+        params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5)
+        engine.submit(Job(prompt, params, sink, n=3))
+        assert done.wait(60)
+        alone = [
+            run(engine, [(prompt, SamplingParams(max_new_tokens=12, temperature=1.0, seed=5 + i))])[0] for i in range(3)
+        ]
+    finally:
+        engine.stop()
+    assert [out[i] for i in range(3)] == [[t for t, _ in a] for a in alone]
