@@ -11,7 +11,13 @@ generated tokens/s, p50/p95 time to first token and end-to-end latency, errors. 
   naive:  the same server with --max-batch 1 (one request at a time: what every tutorial server does);
   hf:     transformers MptForCausalLM.generate on the same prompts in static batches of C (greedy,
           exactly max_tokens new tokens); its TTFT is the batch's prefill, its latency the batch's.
-Prints the table and writes JSON with the CPU capability.
+Both servers and transformers run in fp32 (`--dtype`): the same precision for all three.
+
+Few-shot (`--fewshot`, on by default): what lm-eval's `local-completions` sends for a 5-shot task, one
+request at a time as its default `num_concurrent=1` does: the same five TriviaQA shots before each of
+`--fewshot-docs` questions, as greedy generation (max_tokens 16, stop at a newline) and as loglikelihood
+scoring of the answer (echo, logprobs, max_tokens 0); against the same server with --no-prefix-cache.
+The outputs must be equal (texts; log-probabilities within 1e-3); the table gives the time of each.
 """
 
 from __future__ import annotations
@@ -169,7 +175,7 @@ def bench_model(preset: str, args, workdir: Path) -> list[dict]:
     for concurrency in args.concurrency:
         work = prompts(max(8, concurrency * args.requests_per_client), args.prompt_tokens)
         for system, flags in (("longboi", ["--max-batch", str(max(concurrency, 1))]), ("naive", ["--max-batch", "1"])):
-            server = Server(ckpt, *flags, "--max-queue", "1024")
+            server = Server(ckpt, *flags, "--max-queue", "1024", "--dtype", args.dtype)
             try:
                 asyncio.run(load(server.url, work[:1], 1, 2, args.timeout))  # warm-up
                 r = asyncio.run(load(server.url, work, concurrency, max_tokens, args.timeout))
@@ -186,7 +192,62 @@ def bench_model(preset: str, args, workdir: Path) -> list[dict]:
             }
         )
         print_row(rows[-1])
+    if args.fewshot:
+        rows.append({"model": preset, **fewshot(ckpt, args)})
+        print(f"{preset} few-shot: " + ", ".join(f"{k} {v:.2f}" for k, v in rows[-1].items() if "_s" in k or "x" in k))
     return rows
+
+
+def fewshot_work(docs: int) -> tuple[str, list[dict]]:
+    """Five fixed TriviaQA shots and the next `docs` questions, as lm-eval formats them."""
+    path = SHARED / "eval" / "local_data" / "world_knowledge" / "triviaqa_sm_sub.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()[: 5 + docs]]
+    shots = "".join(f"{r['context']} {r['answer']}\n\n" for r in rows[:5])
+    return shots, rows[5:]
+
+
+def fewshot_pass(url: str, shots: str, docs: list[dict]) -> tuple[float, float, list, list]:
+    """One lm-eval-shaped pass, one request at a time: (generation s, scoring s, texts, answer log-probs)."""
+    import httpx
+
+    texts, scores = [], []
+    start = time.perf_counter()
+    with httpx.Client(timeout=600) as client:
+        for d in docs:
+            body = {"prompt": shots + d["context"], "max_tokens": 16, "temperature": 0, "stop": ["\n"]}
+            texts.append(client.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"])
+        generation = time.perf_counter() - start
+        for d in docs:
+            body = {"prompt": shots + d["context"] + " " + d["answer"], "max_tokens": 0, "echo": True, "logprobs": 1}
+            lp = client.post(f"{url}/v1/completions", json=body).json()["choices"][0]["logprobs"]["token_logprobs"]
+            scores.append(sum(lp[-3:]))  # the answer's last tokens: what lm-eval sums
+    return generation, time.perf_counter() - start - generation, texts, scores
+
+
+def fewshot(ckpt: Path, args) -> dict:
+    shots, docs = fewshot_work(args.fewshot_docs)
+    out = {}
+    for name, flags in (("cached", []), ("uncached", ["--no-prefix-cache"])):
+        server = Server(ckpt, "--dtype", args.dtype, *flags)
+        try:
+            fewshot_pass(server.url, shots, docs[:1])  # warm-up (the cached server forgets it when idle)
+            time.sleep(1)
+            out[name] = fewshot_pass(server.url, shots, docs)
+        finally:
+            server.stop()
+    (gc, lc, tc, sc), (gu, lu, tu, su) = out["cached"], out["uncached"]
+    assert tc == tu, "prefix caching changed a generated text"
+    assert max(abs(a - b) for a, b in zip(sc, su)) < 1e-3, "prefix caching changed a log-probability"
+    return {
+        "system": "fewshot",
+        "docs": len(docs),
+        "generate_cached_s": gc,
+        "generate_uncached_s": gu,
+        "generate_speedup_x": gu / gc,
+        "loglik_cached_s": lc,
+        "loglik_uncached_s": lu,
+        "loglik_speedup_x": lu / lc,
+    }
 
 
 def print_row(r: dict) -> None:
@@ -210,6 +271,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=48)
     parser.add_argument("--max-tokens", type=int, default=None, help="default: 64 for tiny, 32 for the others")
     parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--dtype", default="fp32", help="the servers' precision (transformers runs fp32)")
+    parser.add_argument("--fewshot", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fewshot-docs", type=int, default=24)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
     if args.max_tokens is None:
@@ -224,7 +288,7 @@ def main() -> None:
         rows = [row for preset in args.models for row in bench_model(preset, args, Path(tmp))]
     ratios = {}
     for r in rows:
-        if r["system"] == "longboi":
+        if r["system"] == "longboi" and "tokens_per_s" in r:
             peers = {p["system"]: p for p in rows if p["model"] == r["model"] and p["concurrency"] == r["concurrency"]}
             ratios[f"{r['model']}@{r['concurrency']}"] = {
                 "vs_naive": r["tokens_per_s"] / peers["naive"]["tokens_per_s"],

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
+import os
 import re
 import sys
 import types
@@ -726,6 +728,7 @@ def serve(
     kv_cache_memory: str = "auto",
     allowed_hosts: list[str] | None = None,
     device: str = "auto",
+    prefix_cache: bool = True,
 ) -> None:
     """Serve a checkpoint over the OpenAI API (completions, chat, streaming) with continuous batching,
     plus a chat page at /. Needs the serve extra: pip install 'longboi[serve]'. Ctrl-C drains and exits.
@@ -742,33 +745,30 @@ def serve(
             models may go past it).
         dtype: compute dtype: auto (bf16 where native, else fp32), fp32, bf16.
         served_model_name: the model name clients send (default: the checkpoint directory's name).
-        prefill_chunk: prompt tokens prefilled between two decode steps (long prompts go in chunks).
+        prefill_chunk: prompt tokens per prefill piece (a step runs pieces and decodes in one forward).
         quantize: int8: int8 weights for the linear layers and LM head (more tokens/s on a CPU).
         kv_cache_memory: KV-cache limit (4GiB, 512MiB; auto: a third of the free memory; none): requests wait.
         allowed_hosts: Host header names the server answers to (repeatable; * for any). Default: the
             loopback names when bound to loopback (a web page cannot reach it by DNS rebinding), any otherwise.
         device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.
+        prefix_cache: reuse the KV cache of prompt prefixes already computed (--no-prefix-cache: never).
     """
-    import functools
-    import os
-
     uvicorn = _serve_extra()
     from longboi.inference import load_for_inference, model_source, resolve_device, serving_length
     from longboi.serve.api import Settings, create_app, parse_kv_cache_memory
 
-    source = model_source(ckpt)
+    source, where = model_source(ckpt), resolve_device(device)
     limit = serving_length(source, max_model_len)
-    where = resolve_device(device)
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
         if value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     key = api_key or os.environ.get("LONGBOI_API_KEY") or None
     name = served_model_name or Path(ckpt).resolve().name
-    settings = Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk)
+    settings = Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
     settings.kv_cache_bytes = parse_kv_cache_memory(kv_cache_memory)
     settings.allowed_hosts = _allowed_hosts(host, allowed_hosts)
     app = create_app(settings, functools.partial(load_for_inference, source, dtype, quantize, where))
-    _serve_banner(settings, f"http://{host}:{port}", source)
+    _serve_banner(settings, f"http://{host}:{port}", source)  # then serve until Ctrl-C
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     print("longboi serve: stopped", flush=True)
 

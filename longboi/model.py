@@ -140,6 +140,7 @@ class PagedCache:
         self.n_layers, self.blocks, self.block_size = n_layers, blocks, block_size
         self.keys: torch.Tensor | None = None  # (L, capacity * block_size, Hkv, D)
         self.values: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None  # (capacity * block_size, d): final hidden states, for scoring
         self.positions = torch.zeros(0, dtype=torch.long)  # (N,) this step's token positions
         self.length = 0  # MPTModel reads it: positions come from `positions`, not a shared past
 
@@ -204,6 +205,24 @@ class PagedCache:
             keys[:, : self.keys.shape[1]] = self.keys
             values[:, : self.values.shape[1]] = self.values
         self.keys, self.values = keys, values
+        if self.hidden is not None:  # grown with them once it exists (store_hidden makes it)
+            hidden = self.hidden.new_empty(capacity * self.block_size, self.hidden.shape[1])
+            hidden[: len(self.hidden)] = self.hidden
+            self.hidden = hidden
+
+    def store_hidden(self, h: torch.Tensor) -> None:
+        """Keep this step's (N, d) final hidden states at their slots: a later request that takes these
+        positions from the prefix cache and scores its prompt (echo) computes their logits from them."""
+        assert self.keys is not None
+        size = self.keys.shape[1]
+        if self.hidden is None or len(self.hidden) != size or self.hidden.dtype != h.dtype:
+            self.hidden = h.new_zeros(size, h.shape[-1])
+        self.hidden.index_copy_(0, self.slots, h)
+
+    def stored_hidden(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
+        """(end - start, d) hidden states of positions [start, end) of the sequence in `blocks`."""
+        assert self.hidden is not None
+        return self.hidden[self._gather_slots(blocks, end)[start:].to(self.hidden.device)]
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's keys/values (a partial block when a request's choices fork)."""
@@ -216,7 +235,7 @@ class PagedCache:
         self.values[:, dst * bs : (dst + 1) * bs] = self.values[:, src * bs : (src + 1) * bs]
 
     def release(self) -> None:
-        self.keys = self.values = None
+        self.keys = self.values = self.hidden = None
 
     def advance(self, n: int) -> None:
         """Nothing to do: the engine tracks each sequence's length."""

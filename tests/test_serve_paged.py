@@ -150,3 +150,39 @@ def test_n_choices_fork_from_one_prompt_and_each_equals_its_seed_alone(served):
     finally:
         engine.stop()
     assert [out[i] for i in range(3)] == [[t for t, _ in a] for a in alone]
+
+
+def test_prompt_scores_of_positions_taken_from_the_prefix_cache_equal_a_full_computation(served):
+    """lm-eval's loglikelihood requests (echo, max_tokens 0) share their few-shot context: positions hit in
+    the prefix cache are scored from the hidden states kept with their blocks."""
+    model, tok = served
+    shots = tok.encode("Q: Who loves Juliet?\nA: Romeo\n\nQ: Who is the king?\nA: Lear\n\n" * 2)
+    prompts = [shots + tok.encode(f"Q: Who speaks {i}?\nA: the fool") for i in range(3)]
+
+    def scores(engine: Engine) -> list[list[tuple[int, float | None]]]:
+        out = []
+        for prompt in prompts:
+            got: list = []
+            done = threading.Event()
+
+            def sink(ev, got=got, done=done):
+                got.extend((t.id, t.logprob) for t in ev.prompt or [])
+                if ev.done:
+                    done.set()
+
+            engine.submit(Job(prompt, SamplingParams(max_new_tokens=0), sink, prompt_logprobs=1))
+            assert done.wait(60)
+            out.append(got)
+        return out
+
+    plain = Engine(model, tok, prefill_chunk=16, prefix_cache=False).start()
+    cached = Engine(model, tok, prefill_chunk=16).start()
+    try:
+        want, got = scores(plain), scores(cached)
+        assert cached.scheduler.pool.hits >= 2 * (len(shots) // 16 * 16)
+    finally:
+        plain.stop()
+        cached.stop()
+    for g, w in zip(got, want):
+        assert [t for t, _ in g] == [t for t, _ in w] and g[0][1] is None
+        assert max(abs(a - b) for (_, a), (_, b) in zip(g[1:], w[1:])) < 1e-4

@@ -50,6 +50,7 @@ class Settings:
     max_model_len: int | None = None  # None: the model's max_seq_len
     max_body_bytes: int = 8 * 2**20
     prefill_chunk: int = 256
+    prefix_cache: bool = True
     kv_cache_bytes: int | Literal["auto"] | None = None  # None: no limit but max_batch x max_model_len
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host header names answered ("*": any)
 
@@ -118,7 +119,9 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
     try:
         model, tok = load()
         kv = available_memory(model) // 3 if s.kv_cache_bytes == "auto" else s.kv_cache_bytes  # after the load
-        engine = Engine(model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics, kv)
+        engine = Engine(
+            model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics, kv, s.prefix_cache
+        )
     except Exception as e:  # the server stays up to say why (health 503 with the reason)
         served.load_error = f"the model failed to load: {e}"
         print(f"error: {served.load_error}", flush=True)

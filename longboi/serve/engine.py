@@ -273,7 +273,7 @@ class Engine:
         with self.wake:
             jobs, self.waiting = list(self.waiting), deque()
         for job in jobs:
-            seq = Seq(list(job.prompt), forks=job.n - 1, shared=self.prefix_cache and job.prompt_logprobs is None)
+            seq = Seq(list(job.prompt), forks=job.n - 1, shared=self.prefix_cache)
             self.sequences.append(Sequence(job, 0, self.tok, self.model.config.vocab_size, self.device, seq))
             self.scheduler.add(seq)
 
@@ -308,6 +308,8 @@ class Engine:
             s: Sequence = p.seq.owner
             if s.job.ended:
                 continue
+            if s.job.prompt_logprobs is not None and not s.job.started:
+                self._score_cached(s.job, p)
             if score:
                 self._score_prompt(s.job, p, logits[score[0] : score[1]])
             if last is None:
@@ -352,7 +354,9 @@ class Engine:
         slopes = self.model.transformer.alibi_slopes(self.device)
         self.cache.plan(segments, decodes, slopes, self.device)
         ids = [t for p in pieces for t in p.seq.tokens[p.start : p.start + p.count]]
-        return self.model.transformer(torch.tensor([ids], device=self.device), cache=self.cache)[0]
+        hidden = self.model.transformer(torch.tensor([ids], device=self.device), cache=self.cache)[0]
+        self.cache.store_hidden(hidden)  # for prompts that will score these positions from the prefix cache
+        return hidden
 
     def _logit_rows(self, pieces: list[Piece]) -> tuple[list[int], list[tuple[tuple[int, int] | None, int | None]]]:
         """Hidden-state rows that go through the LM head: a prompt's positions still to be scored
@@ -375,6 +379,14 @@ class Engine:
             wants.append((score, last))
             offset += p.count
         return rows, wants
+
+    def _score_cached(self, job: Job, p: Piece) -> None:
+        """Score the prompt positions before this piece that came from the prefix cache (their logits
+        from the hidden states kept with their blocks)."""
+        first = max(len(job.prompt_info) - 1, 0)
+        if p.start > first:
+            h = self.cache.stored_hidden(p.seq.blocks, first, p.start)
+            self._score_prompt(job, p, self.model.head(h))
 
     def _score_prompt(self, job: Job, p: Piece, logits: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens these positions predict (echo)."""
