@@ -289,7 +289,8 @@ def main() -> None:
     ratios = {}
     for r in rows:
         if r["system"] == "longboi" and "tokens_per_s" in r:
-            peers = {p["system"]: p for p in rows if p["model"] == r["model"] and p["concurrency"] == r["concurrency"]}
+            same = [p for p in rows if p["model"] == r["model"] and p.get("concurrency") == r["concurrency"]]
+            peers = {p["system"]: p for p in same}
             ratios[f"{r['model']}@{r['concurrency']}"] = {
                 "vs_naive": r["tokens_per_s"] / peers["naive"]["tokens_per_s"],
                 "vs_hf_static": r["tokens_per_s"] / peers["hf"]["tokens_per_s"],

@@ -564,7 +564,9 @@ def test_serves_a_lora_adapter_merged_onto_its_base(ckpt, tmp_path):
     served, _ = load_for_inference(adapter, "fp32", device="cpu")
     ids = torch.tensor([[5, 6, 7, 8]])
     expected = load_adapter(load_model(ckpt), adapter).eval()(ids)
-    assert torch.allclose(served(ids), expected, atol=1e-5)
+    # merged W + s*BA vs W x + s*B(A x): the same sum in another order; with B ~ N(0, 1) the logits reach ~10, and
+    # on AVX512 CPUs the fp32 GEMM's rounding there exceeded 1e-5 absolute (seen once in a full run of this file)
+    torch.testing.assert_close(served(ids), expected, atol=1e-4, rtol=1e-5)
     assert not torch.allclose(served(ids), load_model(ckpt)(ids), atol=1e-3)
 
 
