@@ -116,6 +116,16 @@ except ImportError:
     _QUIET = None
 
 
+def llama_model_params(L):
+    """llama.cpp's default model parameters, but on CPUs with AMX without its extra weight buffers: its AMX
+    repacking of q8_0 weights segfaults in the first forward there (ggml-org/llama.cpp#20824; seen with
+    llama-cpp-python 0.3.36 on a Xeon with amx_int8). The plain CPU buffers use its AVX512 kernels."""
+    params = L.llama_model_default_params()
+    if "amx_int8" in Path("/proc/cpuinfo").read_text():
+        params.use_extra_bufts = False
+    return params
+
+
 class LlamaCpp:
     """llama.cpp through llama-cpp-python's C API: one sequence per row, all rows in each llama_decode."""
 
@@ -125,7 +135,7 @@ class LlamaCpp:
         self.L = L
         L.llama_log_set(_QUIET, None)
         L.llama_backend_init()
-        self.model = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        self.model = L.llama_model_load_from_file(str(path).encode(), llama_model_params(L))
         params = L.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = rows * length, rows * length, rows * length
         params.n_seq_max, params.n_threads, params.n_threads_batch = rows, THREADS, THREADS
@@ -246,8 +256,15 @@ def nll(logits: np.ndarray, window: list[int]) -> float:
 
 def llama_scorer(path: Path, n_ctx: int):
     import llama_cpp
+    import llama_cpp.llama_cpp as low
 
-    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=THREADS, type_k=0, type_v=0)
+    default, params = low.llama_model_default_params, llama_model_params(low)
+    low.llama_model_default_params = lambda: params  # Llama() reads its defaults from here
+    try:
+        kw = dict(n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=THREADS, type_k=0, type_v=0)
+        llm = llama_cpp.Llama(str(path), **kw)
+    finally:
+        low.llama_model_default_params = default
 
     def score(window: list[int]) -> np.ndarray:
         llm.reset()

@@ -163,3 +163,25 @@ def s3(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def open_llama(path, **kwargs):
+    """llama_cpp.Llama without llama.cpp's extra weight buffers: on CPUs with AMX its repacking of q8_0
+    weights segfaults in the first forward (ggml-org/llama.cpp#20824, seen here with llama-cpp-python
+    0.3.36 on a Xeon with amx_int8), which would take the whole test session down. The plain CPU buffers
+    compute the same quantized products."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(str(path), **kwargs)
+    finally:
+        low.llama_model_default_params = default

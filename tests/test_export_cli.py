@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, build, small_config
+from conftest import SHARED, build, open_llama, small_config
 
 from longboi.checkpoint import load_model, save_checkpoint
 from longboi.cli import main
@@ -47,8 +47,8 @@ def test_the_demo_checkpoint_exports_to_gguf_and_onnx_from_the_cli(demo_run, tmp
     logits, _ = runtime.step(np.array([ids]), np.ones((1, len(ids))), runtime.empty_past(1))
     assert np.abs(torch.log_softmax(torch.tensor(logits[0]), -1).numpy() - ours.numpy()).max() < 1e-4
     assert main(["convert", str(demo_run), str(tmp_path / "demo.gguf"), "--to", "gguf", "--outtype", "q8_0"]) == 0
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extras")
-    llm = llama_cpp.Llama(str(tmp_path / "demo.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extras")
+    llm = open_llama(tmp_path / "demo.gguf", n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     try:
         assert llm.tokenize(tok.decode(ids).encode(), add_bos=False, special=False) == ids
         llm.eval(ids)

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, build, small_config, trained
+from conftest import SHARED, build, open_llama, small_config, trained
 
 from longboi.checkpoint import load_model, load_tokenizer, save_checkpoint
 from longboi.cli import main
@@ -28,7 +28,7 @@ def to_gguf(ck, out, outtype="f32", check=True):
 
 def llama(path, n_ctx=256):
     # fp32 KV cache: the comparison measures the export, not llama.cpp's default f16 cache
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
+    return open_llama(path, n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
 
 
 def scores(llm, ids: list[int]) -> np.ndarray:
