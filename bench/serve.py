@@ -13,11 +13,10 @@ generated tokens/s, p50/p95 time to first token and end-to-end latency, errors. 
           exactly max_tokens new tokens); its TTFT is the batch's prefill, its latency the batch's.
 Both servers and transformers run in fp32 (`--dtype`): the same precision for all three.
 
-Few-shot (`--fewshot`, on by default): what lm-eval's `local-completions` sends for a 5-shot task, one
-request at a time as its default `num_concurrent=1` does: the same five TriviaQA shots before each of
-`--fewshot-docs` questions, as greedy generation (max_tokens 16, stop at a newline) and as loglikelihood
-scoring of the answer (echo, logprobs, max_tokens 0); against the same server with --no-prefix-cache.
-The outputs must be equal (texts; log-probabilities within 1e-3); the table gives the time of each.
+Few-shot (`--fewshot`, on by default): what lm-eval's `local-completions` sends for 5-shot tasks, one
+request at a time as its default `num_concurrent=1` does (see fewshot_work): `--fewshot-docs` ARC-Easy
+questions scored choice by choice, and as many TriviaQA questions answered by greedy generation; against
+the same server with --no-prefix-cache. The outputs must be equal (texts; log-likelihoods within 1e-3).
 """
 
 from __future__ import annotations
@@ -198,55 +197,68 @@ def bench_model(preset: str, args, workdir: Path) -> list[dict]:
     return rows
 
 
-def fewshot_work(docs: int) -> tuple[str, list[dict]]:
-    """Five fixed TriviaQA shots and the next `docs` questions, as lm-eval formats them."""
-    path = SHARED / "eval" / "local_data" / "world_knowledge" / "triviaqa_sm_sub.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()[: 5 + docs]]
-    shots = "".join(f"{r['context']} {r['answer']}\n\n" for r in rows[:5])
-    return shots, rows[5:]
+def fewshot_work(docs: int) -> tuple[list[list[dict]], list[dict]]:
+    """lm-eval-shaped 5-shot requests, the shots fixed (lm-eval's first_n sampler, as MMLU uses):
+    loglikelihood of each of ARC-Easy's 4 choices after 5 solved questions (echo, max_tokens 0, logprobs 1:
+    what local-completions sends), and greedy generation of TriviaQA answers after 5 answered questions
+    (max_tokens 16, stop at a newline)."""
+    local = SHARED / "eval" / "local_data" / "world_knowledge"
+    arc = [json.loads(line) for line in (local / "arc_easy.jsonl").read_text().splitlines()[: 5 + docs]]
+    shots = "".join(f"{r['query']}\nAnswer: {r['choices'][r['gold']]}\n\n" for r in arc[:5])
+    scoring = [
+        [{"prompt": f"{shots}{r['query']}\nAnswer: {c}", "max_tokens": 0, "echo": True, "logprobs": 1} for c in choices]
+        for r in arc[5:]
+        for choices in [r["choices"]]
+    ]
+    trivia = [json.loads(line) for line in (local / "triviaqa_sm_sub.jsonl").read_text().splitlines()[: 5 + docs]]
+    shots = "".join(f"{r['context']} {r['answer']}\n\n" for r in trivia[:5])
+    generation = [
+        {"prompt": shots + r["context"], "max_tokens": 16, "temperature": 0, "stop": ["\n"]} for r in trivia[5:]
+    ]
+    return scoring, generation
 
 
-def fewshot_pass(url: str, shots: str, docs: list[dict]) -> tuple[float, float, list, list]:
-    """One lm-eval-shaped pass, one request at a time: (generation s, scoring s, texts, answer log-probs)."""
+def fewshot_pass(url: str, scoring: list[list[dict]], generation: list[dict]) -> tuple[float, float, list, list]:
+    """One pass, one request at a time: (scoring s, generation s, prompt log-probabilities, texts)."""
     import httpx
 
-    texts, scores = [], []
-    start = time.perf_counter()
+    scores, texts = [], []
     with httpx.Client(timeout=600) as client:
-        for d in docs:
-            body = {"prompt": shots + d["context"], "max_tokens": 16, "temperature": 0, "stop": ["\n"]}
+        start = time.perf_counter()
+        for doc in scoring:
+            for body in doc:
+                lp = client.post(f"{url}/v1/completions", json=body).json()["choices"][0]["logprobs"]
+                scores += lp["token_logprobs"][1:]  # every prompt token's (the first has none)
+        middle = time.perf_counter()
+        for body in generation:
             texts.append(client.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"])
-        generation = time.perf_counter() - start
-        for d in docs:
-            body = {"prompt": shots + d["context"] + " " + d["answer"], "max_tokens": 0, "echo": True, "logprobs": 1}
-            lp = client.post(f"{url}/v1/completions", json=body).json()["choices"][0]["logprobs"]["token_logprobs"]
-            scores.append(sum(lp[-3:]))  # the answer's last tokens: what lm-eval sums
-    return generation, time.perf_counter() - start - generation, texts, scores
+    return middle - start, time.perf_counter() - middle, scores, texts
 
 
 def fewshot(ckpt: Path, args) -> dict:
-    shots, docs = fewshot_work(args.fewshot_docs)
+    scoring, generation = fewshot_work(args.fewshot_docs)
     out = {}
     for name, flags in (("cached", []), ("uncached", ["--no-prefix-cache"])):
         server = Server(ckpt, "--dtype", args.dtype, *flags)
         try:
-            fewshot_pass(server.url, shots, docs[:1])  # warm-up (the cached server forgets it when idle)
+            fewshot_pass(server.url, scoring[:1], generation[:1])  # warm-up (forgotten when the server idles)
             time.sleep(1)
-            out[name] = fewshot_pass(server.url, shots, docs)
+            out[name] = fewshot_pass(server.url, scoring, generation)
         finally:
             server.stop()
-    (gc, lc, tc, sc), (gu, lu, tu, su) = out["cached"], out["uncached"]
+    (sc, gc, lc, tc), (su, gu, lu, tu) = out["cached"], out["uncached"]
     assert tc == tu, "prefix caching changed a generated text"
-    assert max(abs(a - b) for a, b in zip(sc, su)) < 1e-3, "prefix caching changed a log-probability"
+    assert max(abs(a - b) for a, b in zip(lc, lu)) < 1e-3, "prefix caching changed a log-likelihood"
     return {
         "system": "fewshot",
-        "docs": len(docs),
+        "docs": len(scoring),
+        "loglik_requests": sum(len(d) for d in scoring),
+        "loglik_cached_s": sc,
+        "loglik_uncached_s": su,
+        "loglik_speedup_x": su / sc,
         "generate_cached_s": gc,
         "generate_uncached_s": gu,
         "generate_speedup_x": gu / gc,
-        "loglik_cached_s": lc,
-        "loglik_uncached_s": lu,
-        "loglik_speedup_x": lu / lc,
     }
 
 

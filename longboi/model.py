@@ -138,7 +138,7 @@ class PagedCache:
 
     def __init__(self, n_layers: int, blocks: int, block_size: int):
         self.n_layers, self.blocks, self.block_size = n_layers, blocks, block_size
-        self.keys: torch.Tensor | None = None  # (L, capacity * block_size, Hkv, D)
+        self.keys: torch.Tensor | None = None  # (L, Hkv, capacity * block_size, D): head-major, see attend
         self.values: torch.Tensor | None = None
         self.hidden: torch.Tensor | None = None  # (capacity * block_size, d): final hidden states, for scoring
         self.positions = torch.zeros(0, dtype=torch.long)  # (N,) this step's token positions
@@ -146,7 +146,7 @@ class PagedCache:
 
     @property
     def capacity(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[1] // self.block_size
+        return 0 if self.keys is None else self.keys.shape[2] // self.block_size
 
     def plan(
         self,
@@ -197,13 +197,13 @@ class PagedCache:
 
     def _grow(self, needed: int, like: torch.Tensor, h: int, d: int) -> None:
         capacity = min(self.blocks, max(needed, 2 * self.capacity, 64))
-        keys = like.new_empty(self.n_layers, capacity * self.block_size, h, d)  # pages touched as written
-        values = like.new_empty(self.n_layers, capacity * self.block_size, h, d)
-        keys[:, : self.block_size].zero_()  # the zero block
-        values[:, : self.block_size].zero_()
+        keys = like.new_empty(self.n_layers, h, capacity * self.block_size, d)  # pages touched as written
+        values = like.new_empty(self.n_layers, h, capacity * self.block_size, d)
+        keys[:, :, : self.block_size].zero_()  # the zero block
+        values[:, :, : self.block_size].zero_()
         if self.keys is not None and self.values is not None:
-            keys[:, : self.keys.shape[1]] = self.keys
-            values[:, : self.values.shape[1]] = self.values
+            keys[:, :, : self.keys.shape[2]] = self.keys
+            values[:, :, : self.values.shape[2]] = self.values
         self.keys, self.values = keys, values
         if self.hidden is not None:  # grown with them once it exists (store_hidden makes it)
             hidden = self.hidden.new_empty(capacity * self.block_size, self.hidden.shape[1])
@@ -214,25 +214,27 @@ class PagedCache:
         """Keep this step's (N, d) final hidden states at their slots: a later request that takes these
         positions from the prefix cache and scores its prompt (echo) computes their logits from them."""
         assert self.keys is not None
-        size = self.keys.shape[1]
+        size = self.keys.shape[2]
         if self.hidden is None or len(self.hidden) != size or self.hidden.dtype != h.dtype:
             self.hidden = h.new_zeros(size, h.shape[-1])
         self.hidden.index_copy_(0, self.slots, h)
 
-    def stored_hidden(self, blocks: list[int], start: int, end: int) -> torch.Tensor:
-        """(end - start, d) hidden states of positions [start, end) of the sequence in `blocks`."""
+    def stored_hidden(self, blocks: list[int], positions: list[int]) -> torch.Tensor:
+        """(len(positions), d) hidden states kept at these positions of the sequence in `blocks`."""
         assert self.hidden is not None
-        return self.hidden[self._gather_slots(blocks, end)[start:].to(self.hidden.device)]
+        p = torch.tensor(positions, dtype=torch.long)
+        slots = torch.tensor(blocks, dtype=torch.long)[p // self.block_size] * self.block_size + p % self.block_size
+        return self.hidden[slots.to(self.hidden.device)]
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's keys/values (a partial block when a request's choices fork)."""
         if self.keys is None or self.values is None:
             return
         if dst >= self.capacity:
-            self._grow(dst + 1, self.keys, self.keys.shape[2], self.keys.shape[3])
+            self._grow(dst + 1, self.keys, self.keys.shape[1], self.keys.shape[3])
         bs = self.block_size
-        self.keys[:, dst * bs : (dst + 1) * bs] = self.keys[:, src * bs : (src + 1) * bs]
-        self.values[:, dst * bs : (dst + 1) * bs] = self.values[:, src * bs : (src + 1) * bs]
+        self.keys[:, :, dst * bs : (dst + 1) * bs] = self.keys[:, :, src * bs : (src + 1) * bs]
+        self.values[:, :, dst * bs : (dst + 1) * bs] = self.values[:, :, src * bs : (src + 1) * bs]
 
     def release(self) -> None:
         self.keys = self.values = self.hidden = None
@@ -247,31 +249,42 @@ class PagedCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention, scale: float):
         """Store (1, Hkv, N, D) keys/values at their slots; (1, H, N, D) queries -> (1, H, N, D) outputs.
-        `attention(q, k, v, mask)` is the model's path choice for one prefill piece."""
+        `attention(q, k, v, mask)` is the model's path choice for one prefill piece. The pools are
+        head-major, so a gather along the slots gives (Hkv, rows x T, D): the decode matmuls batch over
+        (Hkv, rows) with no second copy."""
         if layer == 0:
             self._ensure(k)
         assert self.keys is not None and self.values is not None
-        keys, values = self.keys[layer], self.values[layer]  # (slots, Hkv, D)
-        keys.index_copy_(0, self.slots, k[0].transpose(0, 1).to(keys.dtype))
-        values.index_copy_(0, self.slots, v[0].transpose(0, 1).to(values.dtype))
-        out = []
-        n = self.decodes
-        if n:
-            B, T = self.decode_keys.shape
-            kd = keys[self.decode_keys.flatten()].view(B, T, *keys.shape[1:]).transpose(1, 2)  # (B, Hkv, T, D)
-            vd = values[self.decode_keys.flatten()].view(B, T, *values.shape[1:]).transpose(1, 2)
-            qd = q[0, :, :n].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
-            out.append(decode_attention(qd, kd, vd, self.decode_bias, scale).squeeze(2).transpose(0, 1).unsqueeze(0))
-        offset = n
-        for (start, count, slots), mask in zip(self.segments[n:], self.masks):
+        keys, values = self.keys[layer], self.values[layer]  # (Hkv, slots, D)
+        keys.index_copy_(1, self.slots, k[0].to(keys.dtype))
+        values.index_copy_(1, self.slots, v[0].to(values.dtype))
+        out = [self._decode(q, keys, values, scale)] if self.decodes else []
+        offset = self.decodes
+        for (start, count, slots), mask in zip(self.segments[self.decodes :], self.masks):
             qs = q[:, :, offset : offset + count]
             if start == 0:  # nothing cached before it: this forward's own keys, the fresh-prompt path
                 ks, vs = k[:, :, offset : offset + count], v[:, :, offset : offset + count]
             else:
-                ks, vs = keys[slots].transpose(0, 1)[None], values[slots].transpose(0, 1)[None]  # (1, Hkv, T, D)
+                ks, vs = keys.index_select(1, slots)[None], values.index_select(1, slots)[None]  # (1, Hkv, T, D)
             out.append(attention(qs, ks, vs, mask))
             offset += count
         return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+    def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        """The decode rows (the first `decodes` queries), batched: (1, H, B, D). decode_attention's math,
+        with query heads grouped under their key/value head for GQA/MQA."""
+        Hkv, _, D = keys.shape
+        B, T = self.decode_keys.shape
+        H = q.shape[1]
+        idx = self.decode_keys.flatten()
+        kd = keys.index_select(1, idx).view(Hkv, B, T, D)
+        vd = values.index_select(1, idx).view(Hkv, B, T, D)
+        qd = q[0, :, :B].reshape(Hkv, H // Hkv, B, D).transpose(1, 2)  # (Hkv, B, G, D)
+        scores = torch.matmul(qd, kd.transpose(-1, -2)).float() * scale  # (Hkv, B, G, T)
+        bias = self.decode_bias  # (B, H|1, 1, T) -> (Hkv|1, B, G|1, T)
+        bias = bias.view(B, Hkv, H // Hkv, T) if bias.shape[1] > 1 else bias
+        probs = (scores + bias.permute(1, 0, 2, 3)).softmax(dim=-1).to(vd.dtype)
+        return torch.matmul(probs, vd).transpose(1, 2).reshape(H, B, D)[None]
 
 
 class AttentionMask:

@@ -381,12 +381,40 @@ class Engine:
         return rows, wants
 
     def _score_cached(self, job: Job, p: Piece) -> None:
-        """Score the prompt positions before this piece that came from the prefix cache (their logits
-        from the hidden states kept with their blocks)."""
-        first = max(len(job.prompt_info) - 1, 0)
-        if p.start > first:
-            h = self.cache.stored_hidden(p.seq.blocks, first, p.start)
-            self._score_prompt(job, p, self.model.head(h))
+        """Score the prompt positions before this piece, which came from the prefix cache: from the scores
+        kept with their blocks when an earlier request scored the same content with as many alternatives,
+        else from the hidden states kept with them (the LM head for those positions only)."""
+        first = max(len(job.prompt_info) - 1, 0)  # position j scores prompt token j + 1
+        if p.start <= first:
+            return
+        if not job.prompt_info:
+            job.prompt_info.append(TokenInfo(job.prompt[0]))  # nothing predicts the first token
+        infos: list[TokenInfo | None] = [self._kept_score(job, p.seq, j) for j in range(first, p.start)]
+        missing = [j for j, info in zip(range(first, p.start), infos) if info is None]
+        if missing:
+            logits = self.model.head(self.cache.stored_hidden(p.seq.blocks, missing))
+            scored = self._scored(logits, [job.prompt[j + 1] for j in missing], job.prompt_logprobs)
+            for j, info in zip(missing, scored):
+                infos[j - first] = info
+        job.prompt_info += infos
+
+    def _kept_score(self, job: Job, seq: Seq, j: int) -> TokenInfo | None:
+        """The score kept for position j of a cached block, if its target lies in the same block."""
+        block, offset = divmod(j, BLOCK_SIZE)
+        kept = self.scheduler.pool.attached.get(seq.keys[block]) if offset < BLOCK_SIZE - 1 else None
+        if kept is None or kept[0] < job.prompt_logprobs:
+            return None
+        info = kept[1][offset]
+        return TokenInfo(info.id, info.logprob, info.top[: job.prompt_logprobs])
+
+    def _keep_scores(self, job: Job, seq: Seq) -> None:
+        """Keep a scored prompt's scores with its full blocks, for later requests with the same prefix
+        (each block's positions but its last: that one's target is in the next block)."""
+        attached = self.scheduler.pool.attached
+        for i, key in enumerate(seq.keys):
+            kept = attached.get(key)
+            if kept is None or kept[0] < job.prompt_logprobs:
+                attached[key] = (job.prompt_logprobs, job.prompt_info[i * BLOCK_SIZE + 1 : (i + 1) * BLOCK_SIZE])
 
     def _score_prompt(self, job: Job, p: Piece, logits: torch.Tensor) -> None:
         """Log-probabilities of the prompt tokens these positions predict (echo)."""
@@ -401,6 +429,7 @@ class Engine:
         job.started, job.open_choices = True, job.n
         if job.prompt_info:
             self._emit(job, Event(prompt=job.prompt_info))
+            self._keep_scores(job, s.seq)
         seqs = [s] + [self._forked(s, i) for i in range(1, job.n)] if job.n > 1 else [s]
         if job.params.max_new_tokens == 0:  # echo-only scoring: nothing to generate
             for choice in seqs:

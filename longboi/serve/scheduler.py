@@ -88,6 +88,7 @@ class BlockPool:
         self.key_of: dict[int, tuple] = {}  # block -> its entry in `table`
         self.table: dict[tuple, tuple[int, int]] = {}  # (parent key, tokens) -> (block, key)
         self.unused: OrderedDict[int, None] = OrderedDict()  # registered, refs 0: oldest first
+        self.attached: dict[int, Any] = {}  # key -> what the runner keeps with that content (prompt scores)
         self.serials = itertools.count(1)
         self.hits = self.evictions = 0
 
@@ -145,7 +146,8 @@ class BlockPool:
     def _forget(self, block: int) -> None:
         """An evicted block leaves the table. Blocks keyed under it stay until evicted in turn (their
         parent key is never issued again, so nothing finds them)."""
-        del self.table[self.key_of.pop(block)]
+        _, key = self.table.pop(self.key_of.pop(block))
+        self.attached.pop(key, None)
 
 
 class Scheduler:
