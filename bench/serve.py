@@ -11,7 +11,8 @@ generated tokens/s, p50/p95 time to first token and end-to-end latency, errors. 
   naive:  the same server with --max-batch 1 (one request at a time: what every tutorial server does);
   hf:     transformers MptForCausalLM.generate on the same prompts in static batches of C (greedy,
           exactly max_tokens new tokens); its TTFT is the batch's prefill, its latency the batch's.
-Both servers and transformers run in fp32 (`--dtype`): the same precision for all three.
+Both servers and transformers run in the same precision (`--dtype`, default fp32; `auto` gives all three
+bf16 on a CPU with native bf16).
 
 Few-shot (`--fewshot`, on by default): what lm-eval's `local-completions` sends for 5-shot tasks, one
 request at a time as its default `num_concurrent=1` does (see fewshot_work): `--fewshot-docs` ARC-Easy
@@ -136,12 +137,16 @@ def summarize(results: list[dict], wall: float) -> dict:
     }
 
 
-def hf_static(hf_dir: Path, work: list[list[int]], batch: int, max_tokens: int) -> dict:
-    """transformers' generate in static batches of `batch` prompts (all prompts have one length)."""
+def hf_static(hf_dir: Path, work: list[list[int]], batch: int, max_tokens: int, precision: str) -> dict:
+    """transformers' generate in static batches of `batch` prompts (all prompts have one length), in the
+    precision the servers resolved (`auto`: bf16 where the CPU computes it natively)."""
     import torch
     from transformers import MptForCausalLM
 
-    model = MptForCausalLM.from_pretrained(hf_dir).eval()
+    from longboi.hardware import resolve_precision
+
+    bf16 = resolve_precision(precision, torch.device("cpu"), quiet=True).bf16
+    model = MptForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16 if bf16 else torch.float32).eval()
     ttft, latency, tokens = [], [], 0
     start = time.perf_counter()
     with torch.no_grad():
@@ -187,7 +192,7 @@ def bench_model(preset: str, args, workdir: Path) -> list[dict]:
                 "model": preset,
                 "system": "hf",
                 "concurrency": concurrency,
-                **hf_static(hf_dir, work, concurrency, max_tokens),
+                **hf_static(hf_dir, work, concurrency, max_tokens, args.dtype),
             }
         )
         print_row(rows[-1])
@@ -310,6 +315,7 @@ def main() -> None:
     for key, v in ratios.items():
         print(f"{key}: {v['vs_naive']:.1f}x one-at-a-time, {v['vs_hf_static']:.2f}x transformers static batching")
     meta = {"cpu": cpu_capability(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    meta["dtype"] = args.dtype
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -42,7 +42,7 @@ from longboi.tokenizer import Tokenizer
 log = logging.getLogger("longboi.serve")
 
 BLOCK_SIZE = 16  # positions per KV-cache block (vLLM's default): small enough that little is wasted
-STEP_TOKENS = 1024  # prompt tokens one step may compute (decodes come on top)
+STEP_TOKENS = 2048  # prompt tokens one step may compute (decodes come on top): vLLM's chunked-prefill default
 IDLE_RELEASE_S = 0.5  # an engine idle this long frees its cache, prefix blocks included
 
 
