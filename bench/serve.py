@@ -16,7 +16,8 @@ bf16 on a CPU with native bf16).
 
 Few-shot (`--fewshot`, on by default): what lm-eval's `local-completions` sends for 5-shot tasks, one
 request at a time as its default `num_concurrent=1` does (see fewshot_work): `--fewshot-docs` ARC-Easy
-questions scored choice by choice, and as many TriviaQA questions answered by greedy generation; against
+questions, each doc's 4 choices scored in one request (batch_size=4), and as many TriviaQA questions
+answered by greedy generation; against
 the same server with --no-prefix-cache. The outputs must be equal (texts; log-likelihoods within 1e-3).
 """
 
@@ -205,8 +206,8 @@ def bench_model(preset: str, args, workdir: Path) -> list[dict]:
 def fewshot_work(docs: int) -> tuple[list[list[dict]], list[dict]]:
     """lm-eval-shaped 5-shot requests, the shots fixed (lm-eval's first_n sampler, as MMLU uses):
     loglikelihood of each of ARC-Easy's 4 choices after 5 solved questions (echo, max_tokens 0, logprobs 1:
-    what local-completions sends), and greedy generation of TriviaQA answers after 5 answered questions
-    (max_tokens 16, stop at a newline)."""
+    what local-completions sends; a doc's 4 choices in one request, as its batch_size=4 sends them), and
+    greedy generation of TriviaQA answers after 5 answered questions (max_tokens 16, stop at a newline)."""
     local = SHARED / "eval" / "local_data" / "world_knowledge"
     arc = [json.loads(line) for line in (local / "arc_easy.jsonl").read_text().splitlines()[: 5 + docs]]
     shots = "".join(f"{r['query']}\nAnswer: {r['choices'][r['gold']]}\n\n" for r in arc[:5])
@@ -230,10 +231,10 @@ def fewshot_pass(url: str, scoring: list[list[dict]], generation: list[dict]) ->
     scores, texts = [], []
     with httpx.Client(timeout=600) as client:
         start = time.perf_counter()
-        for doc in scoring:
-            for body in doc:
-                lp = client.post(f"{url}/v1/completions", json=body).json()["choices"][0]["logprobs"]
-                scores += lp["token_logprobs"][1:]  # every prompt token's (the first has none)
+        for doc in scoring:  # a doc's choices in one request: lm-eval's batch_size=4
+            body = doc[0] | {"prompt": [choice["prompt"] for choice in doc]}
+            for choice in client.post(f"{url}/v1/completions", json=body).json()["choices"]:
+                scores += choice["logprobs"]["token_logprobs"][1:]  # every prompt token's (the first has none)
         middle = time.perf_counter()
         for body in generation:
             texts.append(client.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"])
