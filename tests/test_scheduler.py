@@ -161,3 +161,26 @@ def test_a_preempted_sequence_finds_its_own_blocks_in_the_prefix_cache():
     s.finish(a)
     run_step(s)
     assert b.hits == 8  # its prompt's two full blocks were still cached
+
+
+def test_a_block_being_computed_is_waited_for_not_computed_twice():
+    """Four choices of one question sent together: the first computes the shared blocks, the others take
+    them from the cache a step later instead of each computing its own copy."""
+    s = Scheduler(blocks=64, block_size=4, prefill_chunk=64, step_tokens=64)
+    question = list(range(10, 22))  # 3 full blocks
+    choices = [Seq(question + [c, c + 1]) for c in (1, 3, 5, 7)]
+    for q in choices:
+        s.add(q)
+    first = run_step(s)
+    assert [p.seq for p in first.pieces] == choices[:1]  # the others wait for its blocks
+    second = run_step(s)
+    assert [(p.seq, p.start) for p in second.pieces if p.seq is not choices[0]] == [(q, 12) for q in choices[1:]]
+    assert all(q.blocks[:3] == choices[0].blocks[:3] for q in choices[1:])
+
+
+def test_an_unshared_sequence_never_waits_for_another():
+    s = Scheduler(blocks=64, block_size=4)
+    a, b = Seq(list(range(10))), Seq(list(range(10)), shared=False)
+    s.add(a)
+    s.add(b)
+    assert {p.seq for p in run_step(s).pieces} == {a, b}

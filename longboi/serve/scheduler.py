@@ -305,6 +305,9 @@ class Scheduler:
             if self.rows + 1 + seq.forks > self.max_rows:
                 return
             self._lookup(seq)
+            if self._in_flight(seq):  # a running sequence is computing its next block: take it next step
+                self._release(seq)
+                return
             count = self._piece(seq, budget, prefilled=bool(prefills))
             need = -(-(seq.computed + count) // self.block_size) - len(seq.blocks)
             if count == 0 or need > self.pool.available:
@@ -317,6 +320,22 @@ class Scheduler:
             self.running.insert(sum(1 for s in self.running if s.order < seq.order), seq)  # arrival order
             prefills.append(Piece(seq, seq.computed, count))
             budget -= count
+
+    def _in_flight(self, seq: Seq) -> bool:
+        """Whether a running sequence is computing the block `seq` would take from the cache next (the same
+        tokens after the same prefix): the n choices of a lm-eval question, or requests sent together with
+        one system prompt, compute it once instead of each its own."""
+        bs, i = self.block_size, len(seq.blocks)
+        if not seq.shared or (i + 1) * bs > len(seq.tokens) - 1:  # its next block would not be a hit anyway
+            return False
+        parent, want = seq.keys[-1] if seq.keys else 0, seq.tokens[i * bs : (i + 1) * bs]
+        return any(
+            len(r.keys) == i
+            and (r.keys[-1] if r.keys else 0) == parent
+            and len(r.tokens) >= (i + 1) * bs
+            and r.tokens[i * bs : (i + 1) * bs] == want
+            for r in self.running
+        )
 
     def _lookup(self, seq: Seq) -> None:
         """Take the cached blocks that hold a prefix of `seq`'s tokens (all but its last token at most:
