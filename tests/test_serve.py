@@ -274,6 +274,29 @@ def test_metrics_are_prometheus_text(server):
     assert families["longboi_requests_running"].type == "gauge" and "longboi_requests_waiting" in families
 
 
+def counter(server, name: str) -> float:
+    for line in httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text.splitlines():
+        if line.startswith(f"longboi_{name}_total "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} counter")
+
+
+def test_a_shared_prompt_prefix_is_served_from_the_cache_unless_turned_off(server, ckpt):
+    """Two requests with one 64-token system prompt: the second takes its 4 full blocks from the cache and
+    answers as a server that computes everything (--no-prefix-cache)."""
+    system = "You are a terse assistant. Answer in one word, never more, and never explain. " * 4
+    bodies = [{"prompt": system + q, "max_tokens": 8, "temperature": 0} for q in ("Sky?", "Sea?")]
+    before = counter(server, "prefix_cache_hit_tokens")
+    cached = [post(server, C, b).json()["choices"][0]["text"] for b in bodies]
+    assert counter(server, "prefix_cache_hit_tokens") - before >= 64
+    plain = Server(ckpt, "--api-key", KEY, "--max-model-len", "1024", "--dtype", "fp32", "--no-prefix-cache")
+    try:
+        assert [post(plain, C, b).json()["choices"][0]["text"] for b in bodies] == cached
+        assert counter(plain, "prefix_cache_hit_tokens") == 0
+    finally:
+        plain.stop()
+
+
 def test_lm_eval_local_completions_matches_our_eval_engine(server, ckpt, tokenizer_path, monkeypatch):
     """lm-eval's local-completions against the server (remote tokenizer) = `longboi eval`'s engine."""
     from lm_eval.api.instance import Instance

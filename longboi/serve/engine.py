@@ -250,8 +250,10 @@ class Engine:
     def _step(self) -> None:
         self._drop_cancelled()
         self._take_new()
+        hits = self.scheduler.pool.hits
         plan = self.scheduler.schedule()
         self.metrics.count("preemptions", len(plan.preempted))
+        self.metrics.count("prefix_cache_hit_tokens", self.scheduler.pool.hits - hits)
         if plan.pieces:
             self.idle = False
             self._run(plan.pieces)

@@ -17,6 +17,8 @@ HISTOGRAMS = {
 COUNTERS = {
     "prompt_tokens": "Prompt tokens prefilled.",
     "generation_tokens": "Tokens generated.",
+    "prefix_cache_hit_tokens": "Prompt tokens taken from the prefix cache instead of computed.",
+    "preemptions": "Sequences preempted when the KV-cache blocks ran out (recomputed later).",
 }
 
 
