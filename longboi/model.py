@@ -124,7 +124,7 @@ class KVCache:
 
 class PagedCache:
     """Keys/values in fixed-size blocks shared by every sequence a serving engine runs (vLLM's paged
-    attention, in plain PyTorch): pools of (L, slots, Hkv, D), slot = block * block_size + offset.
+    attention, in plain PyTorch): pools of (L, Hkv, slots, D), slot = block * block_size + offset.
 
     The engine lays one step out as one (1, N) row of tokens: decode tokens first (one per sequence),
     then prefill pieces. `plan` gives, per sequence, its first position, its token count and its block
@@ -159,7 +159,7 @@ class PagedCache:
         """This step: (start, count, block table) per sequence, the first `decodes` of them one token
         each. Builds the write slots, the decode gathers with their bias, and each prefill's mask, on
         `device` (slopes too), once for all layers."""
-        gathers = [self._gather_slots(blocks, start + count) for start, count, blocks in segments]
+        gathers = [self._slots(blocks, torch.arange(start + count)) for start, count, blocks in segments]
         self.positions = torch.cat([torch.arange(start, start + count) for start, count, _ in segments]).to(device)
         self.slots = torch.cat([g[start:] for g, (start, _, _) in zip(gathers, segments)]).to(device)
         self.needed = max(max(blocks) for _, _, blocks in segments) + 1
@@ -171,9 +171,10 @@ class PagedCache:
             self.decode_keys, self.decode_bias = keys.to(device), bias.to(device)
         self.masks = [AttentionMask(count, start + count, slopes, device) for start, count, _ in segments[decodes:]]
 
-    def _gather_slots(self, blocks: list[int], n: int) -> torch.Tensor:
-        p = torch.arange(n)
-        return torch.tensor(blocks, dtype=torch.long)[p // self.block_size] * self.block_size + p % self.block_size
+    def _slots(self, blocks: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """The pool slots of these positions of the sequence whose block table is `blocks`."""
+        table = torch.tensor(blocks, dtype=torch.long)
+        return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _decode_plan(self, segments, gathers: list[torch.Tensor], slopes: torch.Tensor | None):
         """(B, Tmax) slots of every decode row's keys, padded with the zero block, and the (B, H|1, 1,
@@ -223,9 +224,7 @@ class PagedCache:
     def stored_hidden(self, blocks: list[int], positions: list[int]) -> torch.Tensor:
         """(len(positions), d) hidden states kept at these positions of the sequence in `blocks`."""
         assert self.hidden is not None
-        p = torch.tensor(positions, dtype=torch.long)
-        slots = torch.tensor(blocks, dtype=torch.long)[p // self.block_size] * self.block_size + p % self.block_size
-        return self.hidden[slots.to(self.hidden.device)]
+        return self.hidden[self._slots(blocks, torch.tensor(positions, dtype=torch.long)).to(self.hidden.device)]
 
     def copy_block(self, src: int, dst: int) -> None:
         """Copy one block's keys/values (a partial block when a request's choices fork)."""
@@ -243,11 +242,6 @@ class PagedCache:
 
     def advance(self, n: int) -> None:
         """Nothing to do: the engine tracks each sequence's length."""
-
-    @property
-    def nbytes(self) -> int:
-        keys = self.keys
-        return 0 if keys is None else 2 * keys.nbytes
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention, scale: float):
         """Store (1, Hkv, N, D) keys/values at their slots; (1, H, N, D) queries -> (1, H, N, D) outputs.

@@ -432,25 +432,25 @@ class Engine:
         if job.prompt_info:
             self._emit(job, Event(prompt=job.prompt_info))
             self._keep_scores(job, s.seq)
-        seqs = [s] + [self._forked(s, i) for i in range(1, job.n)] if job.n > 1 else [s]
+        seqs = [s] + self._forked(s) if job.n > 1 else [s]
         if job.params.max_new_tokens == 0:  # echo-only scoring: nothing to generate
             for choice in seqs:
                 self._finish_choice(choice, "length")
             return
         self._advance(seqs, logits.repeat(len(seqs), 1))
 
-    def _forked(self, s: Sequence, index: int) -> Sequence:
-        """Choice `index` of s's job, sharing s's prompt blocks (the first fork makes all of them)."""
-        if index == 1:
-            forked = self.scheduler.fork(s.seq, s.job.n - 1)
-            if forked is None:
-                raise RuntimeError("no KV-cache blocks left for the request's choices")
-            self._forks, copies = forked
-            for src, dst in copies:
-                self.cache.copy_block(src, dst)
-        choice = Sequence(s.job, index, self.tok, self.model.config.vocab_size, self.device, self._forks[index - 1])
-        self.sequences.append(choice)
-        return choice
+    def _forked(self, s: Sequence) -> list[Sequence]:
+        """Choices 1..n-1 of s's job, sharing s's prompt blocks (a partial last block is copied)."""
+        forked = self.scheduler.fork(s.seq, s.job.n - 1)
+        if forked is None:
+            raise RuntimeError("no KV-cache blocks left for the request's choices")
+        seqs, copies = forked
+        for src, dst in copies:
+            self.cache.copy_block(src, dst)
+        vocab = self.model.config.vocab_size
+        choices = [Sequence(s.job, i, self.tok, vocab, self.device, seq) for i, seq in enumerate(seqs, start=1)]
+        self.sequences += choices
+        return choices
 
     def _isolated(self, seqs: list[Sequence], run: Callable[[list[int]], list]) -> tuple[list[Sequence], list]:
         """run(indices of seqs) for all of them at once; if that raises, for each sequence alone, failing
