@@ -307,7 +307,7 @@ def llama_scorer(path: Path, n_ctx: int):
 
 
 def torch_scorer(model: MPTForCausalLM):
-    return lambda window: model(torch.tensor([window]))[0].numpy()
+    return lambda window: model(torch.tensor([window]))[0].float().numpy()
 
 
 def quality(ckpt: Path, work: Path) -> list[dict]:
