@@ -85,6 +85,11 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` underneath, for libraries that read the vocabulary (llguidance)."""
+        return self._tok
+
+    @property
     def eos_token(self) -> str | None:
         return None if self.eos_id is None else self._tok.id_to_token(self.eos_id)
 

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the serve extra is imported where it is used, so this modul
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
 
+    from longboi.multilora import AdapterBank, Stack
     from longboi.serve.schemas import ChatRequest, CompletionRequest, Message, Sampling
 
 OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the chat page (it holds no data; its calls send the key)
@@ -53,6 +54,10 @@ class Settings:
     prefix_cache: bool = True
     kv_cache_bytes: int | Literal["auto"] | None = None  # None: no limit but max_batch x max_model_len
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host header names answered ("*": any)
+    loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded at start: name -> directory
+    enable_lora: bool = False  # adapters may be loaded at run time even when none is given at start
+    max_loras: int = 8  # adapters held at once
+    max_lora_rank: int = 64
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Served:
     metrics: Metrics = field(default_factory=Metrics)
     engine: Engine | None = None
     load_error: str | None = None
+    bank: AdapterBank | None = None  # the LoRA adapters requests may name (None: LoRA is off)
 
     def ready(self) -> tuple[Engine, Tokenizer]:
         if self.engine is None:
@@ -118,10 +124,12 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
     s = served.settings
     try:
         model, tok = load()
+        served.bank = _adapter_bank(model, s)
         kv = available_memory(model) // 3 if s.kv_cache_bytes == "auto" else s.kv_cache_bytes  # after the load
         engine = Engine(
             model, tok, s.max_batch, s.max_queue, s.max_model_len, s.prefill_chunk, served.metrics, kv, s.prefix_cache
         )
+        engine.bank = served.bank
     except Exception as e:  # the server stays up to say why (health 503 with the reason)
         served.load_error = f"the model failed to load: {e}"
         print(f"error: {served.load_error}", flush=True)
@@ -139,6 +147,18 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
         f"ready: {s.model_name} (precision {precision}, max_model_len {engine.max_model_len}, KV cache {kv})",
         flush=True,
     )
+
+
+def _adapter_bank(model, s: Settings) -> AdapterBank | None:
+    """The adapters given at start, loaded onto the base (None when LoRA serving is off)."""
+    if not (s.loras or s.enable_lora):
+        return None
+    from longboi.multilora import AdapterBank
+
+    bank = AdapterBank(model, s.max_loras, s.max_lora_rank)
+    for name, path in s.loras.items():
+        bank.load(name, path)
+    return bank
 
 
 def parse_kv_cache_memory(text: str) -> int | Literal["auto"] | None:
@@ -353,8 +373,12 @@ def _routes(app: FastAPI, served: Served) -> None:
     @app.get("/v1/models")
     async def models():
         engine, _ = served.ready()
-        card = {"id": served.settings.model_name, "object": "model", "created": 0, "owned_by": "longboi"}
-        return {"object": "list", "data": [card | {"max_model_len": engine.max_model_len}]}
+        base = served.settings.model_name
+        card = {"id": base, "object": "model", "created": 0, "owned_by": "longboi", "max_model_len": 0}
+        card["max_model_len"] = engine.max_model_len
+        adapters = served.bank.listed() if served.bank is not None else []
+        cards = [card | {"id": a.name, "parent": base, "lora_rank": a.rank} for a in adapters]
+        return {"object": "list", "data": [card | {"parent": None}, *cards]}
 
     @app.get("/metrics")
     async def metrics():
@@ -370,6 +394,39 @@ def _routes(app: FastAPI, served: Served) -> None:
     app.post("/v1/chat/completions")(_typed(chat, body=ChatRequest, request=Request))
 
     _tokenizer_routes(app, served)
+    _lora_routes(app, served)
+
+
+def _lora_routes(app: FastAPI, served: Served) -> None:
+    """vLLM's run-time adapter loading: POST {"lora_name", "lora_path"} / {"lora_name"}. Behind the API key
+    like every route; a path is read on the server, so expose a server with LoRA on only with a key."""
+    from fastapi.responses import PlainTextResponse
+
+    from longboi.serve.schemas import LoadLora, UnloadLora
+
+    def bank() -> AdapterBank:
+        served.ready()
+        if served.bank is None or not served.settings.enable_lora:
+            raise APIError(400, "loading adapters at run time is off: start the server with --enable-lora")
+        return served.bank
+
+    async def load(body):
+        _check_adapter_name(served, body.lora_name)
+        try:
+            await asyncio.to_thread(bank().load, body.lora_name, body.lora_path)
+        except UserError as e:
+            raise APIError(400, str(e), param="lora_path") from e
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def unload(body):
+        try:
+            bank().unload(body.lora_name)
+        except UserError as e:
+            raise APIError(404, str(e), param="lora_name", code="model_not_found") from e
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    app.post("/v1/load_lora_adapter")(_typed(load, body=LoadLora))
+    app.post("/v1/unload_lora_adapter")(_typed(unload, body=UnloadLora))
 
 
 def _tokenizer_routes(app: FastAPI, served: Served) -> None:
@@ -420,9 +477,57 @@ def _tokenizer_routes(app: FastAPI, served: Served) -> None:
 
 
 def _check_model(served: Served, name: str | None) -> None:
+    """`name` is the base model, an adapter or a stack of them (they share the base's tokenizer)."""
+    bank, base = served.bank, served.settings.model_name
+    parts = (name or base).split("+")
+    if all(p == base or (bank is not None and bank.get(p) is not None) for p in parts):
+        return
     if name is not None and name != served.settings.model_name:
         message = f"model: unknown model {name!r}; this server serves {served.settings.model_name!r}"
         raise APIError(400, message, param="model", code="model_not_found")
+
+
+async def _grammar(engine: Engine, body: Sampling) -> str | None:
+    """The request's response_format as a checked grammar (compiled off the event loop), or None."""
+    if body.response_format is None:
+        return None
+    spec = body.response_format.model_dump(by_alias=True)
+    try:
+        return await asyncio.to_thread(engine.grammars.compile, spec)
+    except UserError as e:
+        raise APIError(400, str(e), param="response_format") from e
+
+
+def _name(served: Served, body: Sampling) -> str:
+    """The model a response names: what the request asked for (the base by default)."""
+    return body.model or served.settings.model_name
+
+
+def _check_adapter_name(served: Served, name: str) -> None:
+    if name == served.settings.model_name or "+" in name:
+        message = f"lora_name: {name!r} is the base model's name or holds '+' (which stacks adapters in `model`)"
+        raise APIError(400, message, param="lora_name")
+
+
+def _stack(served: Served, body: Sampling) -> Stack:
+    """The adapters a request applies: `model` names the base, an adapter, or a stack "a+b" (base+a+b);
+    `adapters` ([{name, scale}]) adds adapters with scales."""
+    base, names = served.settings.model_name, (body.model or served.settings.model_name).split("+")
+    if names[0] == base:
+        names = names[1:]
+    wanted = [(n, 1.0) for n in names] + [(a.name, a.scale) for a in body.adapters or ()]
+    if wanted and served.bank is None:
+        _check_model(served, body.model if names else None)
+        raise APIError(400, "adapters: LoRA serving is off on this server", param="adapters")
+    stack = []
+    for name, scale in wanted:
+        adapter = served.bank.get(name) if served.bank is not None else None
+        if adapter is None:
+            known = [base, *(a.name for a in served.bank.listed())] if served.bank is not None else [base]
+            message = f"model: unknown model or adapter {name!r}; this server serves {known}"
+            raise APIError(400, message, param="model", code="model_not_found")
+        stack.append((adapter, scale))
+    return tuple(stack)
 
 
 def _check_ids(tok: Tokenizer, ids: list[int], param: str) -> None:
@@ -645,7 +750,7 @@ async def _guarded_stream(pending: Pending, chunks: AsyncIterator[str]) -> Async
 
 async def _completions(served: Served, body: CompletionRequest, request: Request):
     engine, tok = served.ready()
-    _check_model(served, body.model)
+    stack = _stack(served, body)
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of: only best_of == n is supported", param="best_of")
     items = _prompt_items(body.prompt)
@@ -656,15 +761,18 @@ async def _completions(served: Served, body: CompletionRequest, request: Request
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 is only allowed with echo", param="max_tokens")
     params = _sampling(body, tok, max_tokens)
+    grammar = await _grammar(engine, body)
     prompts = await asyncio.to_thread(_prompts, items, tok, engine.max_model_len)  # off the event loop
     pending = Pending(engine)
     for ids, _ in prompts:
         _check_fits(engine, len(ids), max_tokens)
         _check_kv(engine, body.n, len(ids), max_tokens)
         scored = body.logprobs if body.echo and body.logprobs is not None else None
-        pending.add(ids, params, n=body.n, logprobs=body.logprobs, prompt_logprobs=scored, ignore_eos=body.ignore_eos)
+        options = dict(logprobs=body.logprobs, prompt_logprobs=scored, ignore_eos=body.ignore_eos, stack=stack)
+        options["grammar"] = grammar
+        pending.add(ids, params, n=body.n, **options)
     pending.submit()
-    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.settings.model_name}
+    meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": _name(served, body)}
     texts = [text if text is not None else tok.decode(ids, skip_special_tokens=False) for ids, text in prompts]
     if body.stream:
         from fastapi.responses import StreamingResponse
@@ -745,7 +853,7 @@ def _chat_prompt(tok: Tokenizer, messages: list[Message], add_generation_prompt:
 
 async def _chat(served: Served, body: ChatRequest, request: Request):
     engine, tok = served.ready()
-    _check_model(served, body.model)
+    stack = _stack(served, body)
     _check_n(served, body.n, 1)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
@@ -762,11 +870,11 @@ async def _chat(served: Served, body: ChatRequest, request: Request):
     end_of_turn = () if tok.chat_template else ("<|im_end|>",)  # as in `longboi chat`
     pending = Pending(engine)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    pending.add(
-        ids, _sampling(body, tok, max_tokens, end_of_turn), n=body.n, logprobs=logprobs, ignore_eos=body.ignore_eos
-    )
+    params = _sampling(body, tok, max_tokens, end_of_turn)
+    grammar = await _grammar(engine, body)
+    pending.add(ids, params, n=body.n, logprobs=logprobs, ignore_eos=body.ignore_eos, stack=stack, grammar=grammar)
     pending.submit()
-    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": served.settings.model_name}
+    meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": _name(served, body)}
     if body.stream:
         from fastapi.responses import StreamingResponse
 

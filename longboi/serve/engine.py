@@ -30,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,7 +38,11 @@ from longboi.generate import SamplingParams, _RowText, pick, process_logits, tok
 from longboi.model import MPTForCausalLM, PagedCache
 from longboi.serve.metrics import Metrics
 from longboi.serve.scheduler import Piece, Scheduler, Seq
+from longboi.serve.structured import Grammars, mask_logits
 from longboi.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from longboi.multilora import AdapterBank, Stack
 
 log = logging.getLogger("longboi.serve")
 
@@ -94,6 +99,8 @@ class Job:
     generated: int = 0
     started: bool = False  # its prompt is in and its choices have forked
     prompt_info: list[TokenInfo] = field(default_factory=list)  # scored prompt tokens so far
+    stack: Stack = ()  # LoRA adapters (and scales) applied to this request; () is the base model
+    grammar: str | None = None  # structured output: an llguidance grammar each choice must follow
 
 
 class Sequence:
@@ -109,6 +116,7 @@ class Sequence:
         seed = job.params.seed
         self.generator = None if seed is None else torch.Generator(device).manual_seed((seed + index) % 2**64)
         self.finished = False
+        self.matcher = None  # structured output: the choice's llguidance matcher (set by the engine)
         self.counts = self.prompt_seen = None
         if job.params.penalized:  # generated-token counts; the prompt's tokens for the repetition penalty
             prompt = torch.tensor([job.prompt], device=device)
@@ -145,6 +153,7 @@ class Engine:
         prefix_cache: bool = True,
         step_tokens: int = STEP_TOKENS,
         idle_release: float = IDLE_RELEASE_S,
+        bank: AdapterBank | None = None,
     ):
         self.model, self.tok = model.eval(), tok
         self.device = next(model.parameters()).device  # token ids, generators and counts live there too
@@ -159,6 +168,9 @@ class Engine:
         self.scheduler = Scheduler(blocks + 1, BLOCK_SIZE, max_batch, prefill_chunk, step_tokens)
         self.cache = PagedCache(model.config.n_layers, blocks + 1, BLOCK_SIZE)
         self.prefix_cache, self.idle_release = prefix_cache, idle_release
+        self.bank = bank  # LoRA adapters requests may name (longboi.multilora); None: the base only
+        self.grammars = Grammars(tok, model.config.vocab_size)  # structured output (response_format)
+        self.roots: dict[tuple, int] = {}  # adapter stack -> its prefix-cache root key
         self.waiting: deque[Job] = deque()  # submitted, not yet handed to the scheduler
         self.sequences: list[Sequence] = []  # every choice the scheduler holds (running or waiting)
         self.jobs: set[Job] = set()  # every job from submit to its last event
@@ -266,6 +278,7 @@ class Engine:
         self.idle = True
         self.cache.release()
         self.scheduler.reset_cache()
+        self.roots.clear()  # nothing is cached under them any more
         _trim_heap()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the caching allocator's blocks go back to the GPU too
@@ -275,9 +288,25 @@ class Engine:
         with self.wake:
             jobs, self.waiting = list(self.waiting), deque()
         for job in jobs:
-            seq = Seq(list(job.prompt), forks=job.n - 1, shared=self.prefix_cache)
-            self.sequences.append(Sequence(job, 0, self.tok, self.model.config.vocab_size, self.device, seq))
+            seq = Seq(list(job.prompt), forks=job.n - 1, shared=self.prefix_cache, root=self._root(job.stack))
+            self.sequences.append(self._sequence(job, 0, seq))
             self.scheduler.add(seq)
+
+    def _sequence(self, job: Job, index: int, seq: Seq) -> Sequence:
+        s = Sequence(job, index, self.tok, self.model.config.vocab_size, self.device, seq)
+        if job.grammar is not None:
+            s.matcher = self.grammars.matcher(job.grammar)
+        return s
+
+    def _root(self, stack: Stack) -> int:
+        """The prefix-cache root of an adapter stack (0: the base model): prefixes are shared only
+        between requests whose keys/values come from the same weights."""
+        if not stack:
+            return 0
+        signature = tuple((adapter.serial, scale) for adapter, scale in stack)
+        if signature not in self.roots:
+            self.roots[signature] = self.scheduler.pool.new_root()
+        return self.roots[signature]
 
     def _refuse(self, job: Job) -> None:
         need = self.kv_bytes(job.n, len(job.prompt), job.params.max_new_tokens)
@@ -356,9 +385,27 @@ class Engine:
         slopes = self.model.transformer.alibi_slopes(self.device)
         self.cache.plan(segments, decodes, slopes, self.device)
         ids = [t for p in pieces for t in p.seq.tokens[p.start : p.start + p.count]]
-        hidden = self.model.transformer(torch.tensor([ids], device=self.device), cache=self.cache)[0]
+        if self.bank is not None:
+            self.bank.route = self._route(pieces)
+        try:
+            hidden = self.model.transformer(torch.tensor([ids], device=self.device), cache=self.cache)[0]
+        finally:
+            if self.bank is not None:
+                self.bank.route = []
         self.cache.store_hidden(hidden)  # for prompts that will score these positions from the prefix cache
         return hidden
+
+    def _route(self, pieces: list[Piece]) -> list[tuple[torch.Tensor, Stack]]:
+        """(token rows, adapter stack) of this step's (1, N) row, one entry per stack in use."""
+        rows: dict[tuple, tuple[list[int], Stack]] = {}
+        at = 0
+        for p in pieces:
+            stack = p.seq.owner.job.stack
+            if stack:
+                key = tuple((adapter.serial, scale) for adapter, scale in stack)
+                rows.setdefault(key, ([], stack))[0].extend(range(at, at + p.count))
+            at += p.count
+        return [(torch.tensor(r, device=self.device), stack) for r, stack in rows.values()]
 
     def _logit_rows(self, pieces: list[Piece]) -> tuple[list[int], list[tuple[tuple[int, int] | None, int | None]]]:
         """Hidden-state rows that go through the LM head: a prompt's positions still to be scored
@@ -447,8 +494,7 @@ class Engine:
         seqs, copies = forked
         for src, dst in copies:
             self.cache.copy_block(src, dst)
-        vocab = self.model.config.vocab_size
-        choices = [Sequence(s.job, i, self.tok, vocab, self.device, seq) for i, seq in enumerate(seqs, start=1)]
+        choices = [self._sequence(s.job, i, seq) for i, seq in enumerate(seqs, start=1)]
         self.sequences += choices
         return choices
 
@@ -499,6 +545,8 @@ class Engine:
         wants_logprobs = any(s.job.logprobs is not None for s in seqs)
         allowed = logits.clone() if wants_logprobs else logits  # log-probabilities are over the raw logits
         allowed[:, self.vocab :] = float("-inf")  # the padded vocab is never sampled
+        if any(s.matcher is not None for s in seqs):
+            mask_logits(allowed, [s.matcher for s in seqs])
         params = [s.params for s in seqs]
         counts = seen = None
         if any(s.counts is not None for s in seqs):
@@ -548,13 +596,15 @@ class Engine:
         self.metrics.count("generation_tokens", 1)
         if s.counts is not None:
             s.counts[token] += 1
+        if s.matcher is not None and not s.matcher.consume_token(token):
+            raise RuntimeError(f"structured output: {s.matcher.get_error()}")
         reason = None
         if token == self.tok.eos_id and not job.ignore_eos:
             reason = "stop"
         else:
             s.text.push(token)
-            if s.text.done:
-                reason = "stop"  # a stop string
+            if s.text.done or (s.matcher is not None and s.matcher.is_stopped()):
+                reason = "stop"  # a stop string, or the structured output is complete
             elif len(s.tokens) >= s.params.max_new_tokens or s.length >= self.max_model_len:
                 reason = "length"
         s.pending.append(info)
@@ -620,6 +670,7 @@ class Engine:
         self.sequences = []
         self.cache.release()
         self.scheduler.reset_cache()
+        self.roots.clear()  # nothing is cached under them any more
         for job in jobs:
             self._emit(job, Event(done=True, error=message))
             self._end(job)

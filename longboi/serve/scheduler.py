@@ -47,6 +47,7 @@ class Seq:
     keys: list[int] = field(default_factory=list)  # prefix-cache key of each registered full block
     order: int = 0  # arrival: lower runs first and is preempted last
     hits: int = 0  # tokens taken from the prefix cache when last admitted
+    root: int = 0  # the key its first block hangs under: 0 for the base model, one per adapter stack
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,10 @@ class BlockPool:
         self.key_of[block] = (parent, tokens)
         return key
 
+    def new_root(self) -> int:
+        """A key no block has: the start of another model's prefixes (an adapter stack's keys/values differ)."""
+        return next(self.serials)
+
     def lookup(self, parent: int, tokens: tuple[int, ...]) -> tuple[int, int] | None:
         """The cached (block, key) holding `tokens` after the block keyed `parent` (0: the start)."""
         return self.table.get((parent, tokens))
@@ -177,7 +182,7 @@ class Scheduler:
         seq.computed += count
         bs = self.block_size
         for i in range(len(seq.keys), seq.computed // bs):
-            parent = seq.keys[-1] if seq.keys else 0
+            parent = seq.keys[-1] if seq.keys else seq.root
             seq.keys.append(self.pool.register(parent, tuple(seq.tokens[i * bs : (i + 1) * bs]), seq.blocks[i]))
 
     def finish(self, seq: Seq) -> None:
@@ -207,9 +212,8 @@ class Scheduler:
             if partial:
                 blocks.append(fresh[i])
                 copies.append((seq.blocks[-1], fresh[i]))
-            forks.append(
-                Seq(list(seq.tokens), computed=seq.computed, blocks=blocks, keys=list(seq.keys), order=seq.order)
-            )
+            state = dict(computed=seq.computed, blocks=blocks, keys=list(seq.keys), order=seq.order, root=seq.root)
+            forks.append(Seq(list(seq.tokens), **state))
         seq.forks = 0
         at = self.running.index(seq) + 1 if seq in self.running else len(self.running)
         self.running[at:at] = forks  # same arrival: they run and are preempted together
@@ -220,6 +224,7 @@ class Scheduler:
         assert not self.running and not self.waiting, "blocks are in use"
         old, self.pool = self.pool, BlockPool(self.pool.total)
         self.pool.hits, self.pool.evictions = old.hits, old.evictions  # counters run on
+        self.pool.serials = old.serials  # keys issued before (adapter roots) must stay unique
 
     @property
     def rows(self) -> int:
@@ -328,10 +333,10 @@ class Scheduler:
         bs, i = self.block_size, len(seq.blocks)
         if not seq.shared or (i + 1) * bs > len(seq.tokens) - 1:  # its next block would not be a hit anyway
             return False
-        parent, want = seq.keys[-1] if seq.keys else 0, seq.tokens[i * bs : (i + 1) * bs]
+        parent, want = seq.keys[-1] if seq.keys else seq.root, seq.tokens[i * bs : (i + 1) * bs]
         return any(
             len(r.keys) == i
-            and (r.keys[-1] if r.keys else 0) == parent
+            and (r.keys[-1] if r.keys else r.root) == parent
             and len(r.tokens) >= (i + 1) * bs
             and r.tokens[i * bs : (i + 1) * bs] == want
             for r in self.running
@@ -341,7 +346,7 @@ class Scheduler:
         """Take the cached blocks that hold a prefix of `seq`'s tokens (all but its last token at most:
         that one is computed for its logits)."""
         bs = self.block_size
-        parent = 0
+        parent = seq.root
         if seq.shared:
             for i in range((len(seq.tokens) - 1) // bs):
                 found = self.pool.lookup(parent, tuple(seq.tokens[i * bs : (i + 1) * bs]))

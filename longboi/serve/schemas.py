@@ -32,10 +32,45 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+AdapterName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class AdapterRef(Strict):
+    """One LoRA adapter a request applies, with its scale (longboi's extension; `model: "a+b"` is the short form)."""
+
+    name: AdapterName
+    scale: Annotated[float, Field(ge=-100, le=100)] = 1.0
+
+
+class LoadLora(Strict):
+    lora_name: AdapterName
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class UnloadLora(Strict):
+    lora_name: AdapterName
+    lora_int_id: int | None = None  # vLLM sends it; unused
+
+
+class JsonSchemaSpec(Strict):
+    name: Annotated[str, Field(max_length=256)] = "response"
+    description: Annotated[str, Field(max_length=4096)] | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    """OpenAI's structured output: json_object (any JSON object) or json_schema (that schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
 class Sampling(Strict):
     """Fields shared by completions and chat completions."""
 
-    model: str | None = None
+    model: Annotated[str, Field(max_length=4096)] | None = None
+    adapters: Annotated[list[AdapterRef], Field(max_length=16)] | None = None
     temperature: Annotated[float, Field(ge=0, le=100)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=-1, le=2**31)] = -1  # vLLM's extension: -1 or 0 is no limit
@@ -50,6 +85,7 @@ class Sampling(Strict):
     logit_bias: Annotated[dict[TokenKey, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=300)] | None = None
     user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    response_format: ResponseFormat | None = None
 
 
 def _prompt(value: Any) -> Any:
