@@ -195,6 +195,8 @@ def test_the_server_lists_serves_stacks_loads_and_unloads_adapters(base_dir, ada
             extra_body={"adapters": [{"name": "qkv"}, {"name": "mlp"}]},
         )
         assert stacked.choices[0].text == fields.choices[0].text
+        with pytest.raises(openai.BadRequestError, match="a stack of 9 adapters; at most 8"):
+            client.completions.create(model="+".join(["qkv"] * 9), prompt=prompt, max_tokens=2)
         with pytest.raises(openai.BadRequestError, match="unknown model or adapter 'all'"):
             client.completions.create(model="all", prompt=prompt, max_tokens=2)
         assert (

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the serve extra is imported where it is used, so this modul
 
 OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the chat page (it holds no data; its calls send the key)
 PAGE = Path(__file__).with_name("static") / "index.html"
+MAX_STACK = 8  # adapters one request may stack
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -516,6 +517,8 @@ def _stack(served: Served, body: Sampling) -> Stack:
     if names[0] == base:
         names = names[1:]
     wanted = [(n, 1.0) for n in names] + [(a.name, a.scale) for a in body.adapters or ()]
+    if len(wanted) > MAX_STACK:  # each adapter of a stack costs every step of the batch two matmuls per linear
+        raise APIError(400, f"model: a stack of {len(wanted)} adapters; at most {MAX_STACK}", param="model")
     if wanted and served.bank is None:
         _check_model(served, body.model if names else None)
         raise APIError(400, "adapters: LoRA serving is off on this server", param="adapters")

@@ -10,6 +10,7 @@ only where the JSON is complete and stops the choice when nothing more can follo
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from functools import cached_property
@@ -83,8 +84,17 @@ def mask_logits(logits: torch.Tensor, matchers: list) -> None:
     if not rows:
         return
     bitmask = llt.allocate_token_bitmask(len(rows), logits.shape[-1])
-    for j, i in enumerate(rows):
-        llt.fill_next_token_bitmask(matchers[i], bitmask, j)
+    if len(rows) == 1:
+        llt.fill_next_token_bitmask(matchers[rows[0]], bitmask, 0)
+    else:  # the rows' masks in parallel, in llguidance's threads (outside the GIL)
+        llt.fill_next_token_bitmask_par(_executor(), [(matchers[i], j) for j, i in enumerate(rows)], bitmask)
     picked = logits[rows]
     llt.apply_token_bitmask_inplace(picked, bitmask.to(logits.device))
     logits[rows] = picked
+
+
+@functools.cache
+def _executor():
+    import llguidance
+
+    return llguidance.LLExecutor(num_threads=max(torch.get_num_threads(), 1))
