@@ -221,3 +221,37 @@ def test_the_server_lists_serves_stacks_loads_and_unloads_adapters(base_dir, ada
 
 def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0)
+
+
+def test_concurrent_requests_for_three_adapters_and_the_base_equal_each_merged_model(
+    base_dir, adapters, tokenizer_path
+):
+    """Through the real server and the openai client: 8 requests at once (base and 3 adapters, so they share
+    steps), each greedy-identical to its merged model and with log-probabilities within 1e-4."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok = Tokenizer(tokenizer_path)
+    lora = [f for name, path in adapters.items() for f in ("--lora", f"{name}={path}")]
+    server = Server(base_dir, "--api-key", KEY, "--dtype", "fp32", "--prefill-chunk", "5", *lora)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    names = ["base", "qkv", "mlp", "all"] * 2
+    prompts = [f"Once upon a time {i}, the" for i in range(len(names))]
+
+    def ask(k: int):
+        return client.completions.create(model=names[k], prompt=prompts[k], max_tokens=10, temperature=0, logprobs=0)
+
+    try:
+        with ThreadPoolExecutor(len(names)) as pool:
+            outs = list(pool.map(ask, range(len(names))))
+    finally:
+        code, log = server.stop()
+    assert code == 0, log
+    for name, prompt, out in zip(names, prompts, outs):
+        model, ids = merged(base_dir, adapters.get(name)), tok.encode(prompt)
+        want = [int(t) for t in torch.stack(list(generate_ids(model, [ids], greedy(10), None)))[:, 0]]
+        assert out.choices[0].text == tok.decode(want), name
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids + want]))[0, len(ids) - 1 : -1], -1)
+        expected = logp.gather(1, torch.tensor(want)[:, None])[:, 0]
+        got = torch.tensor(out.choices[0].logprobs.token_logprobs)
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
