@@ -48,13 +48,14 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["adamw", "lion"] = "adamw"
+    name: Literal["adamw", "lion", "muon"] = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest
     lr: float = 6e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0  # decoupled: applied as lr * weight_decay * param
     decay_norms_and_biases: bool = False
     decay_embeddings: bool = False
+    momentum: float = 0.95  # muon only: the matrices' momentum (Nesterov)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Optimizers (AdamW, decoupled Lion) with MPT's parameter groups, and learning-rate schedules."""
+"""Optimizers (AdamW, decoupled Lion, Muon + AdamW) with MPT's parameter groups, and learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -6,20 +6,29 @@ import math
 
 import torch
 
+from longboi.errors import UserError
 from longboi.train.config import OptimizerConfig, ScheduleConfig
+from longboi.train.muon import MuonAdamW, is_muon_param
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimizerConfig) -> list[dict]:
-    """Weight decay on matmul weights only (unless asked): decaying norms, biases or embeddings hurts."""
-    decay, no_decay = [], []
+    """Weight decay on matmul weights only (unless asked): decaying norms, biases or embeddings hurts.
+    With muon, the blocks' matrices form a first group of their own (`muon: True`)."""
+    decay, no_decay, matrices = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
+            continue
+        if cfg.name == "muon" and is_muon_param(name, p):
+            matrices.append(p)
             continue
         is_norm_or_bias = p.ndim < 2
         is_embedding = ".wte." in f".{name}" or ".wpe." in f".{name}"
         skip = (is_norm_or_bias and not cfg.decay_norms_and_biases) or (is_embedding and not cfg.decay_embeddings)
         (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "muon":
+        groups = [{"params": matrices, "weight_decay": cfg.weight_decay, "muon": True}] + groups
+    return groups
 
 
 class Lion(torch.optim.Optimizer):
@@ -59,6 +68,13 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=betas)
+    if cfg.name == "muon":
+        if any("lora_" in name for name, p in model.named_parameters() if p.requires_grad):
+            raise UserError(
+                "optimizer muon with lora: not supported (LoRA trains thin rank-r factors, which Muon's "
+                "orthogonalization of whole matrices does not fit); use adamw or lion for LoRA runs"
+            )
+        return MuonAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, momentum=cfg.momentum)
     device = next(model.parameters()).device
     # The fused kernel exists for CPU and CUDA; it is several times faster than the foreach loop.
     fused = device.type in ("cpu", "cuda") and not _has_dtensor(model)

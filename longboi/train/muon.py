@@ -1,0 +1,106 @@
+"""Muon (orthogonalized momentum) for the blocks' matrices, AdamW for everything else, in one optimizer.
+
+Which parameter goes where: every 2-D weight inside `transformer.blocks` (Wqkv, out_proj, up_proj,
+down_proj) is a Muon parameter; embeddings (and the tied LM head), an untied LM head, norms and biases
+stay with AdamW (Muon's orthogonalization is for hidden linear maps; an embedding row or a norm gain is
+not one).
+
+The lr rule: Moonlight's "match AdamW's update RMS": a Muon update is scaled by 0.2 x sqrt(max(rows,
+cols)), so its RMS is about that of an AdamW update and a recipe's lr and weight decay transfer (PyTorch's
+`adjust_lr_fn="match_rms_adamw"`). Weight decay is decoupled, lr x wd, as in AdamW.
+
+Why not `torch.optim.Muon` as it is: it runs Newton-Schulz in bf16 always (100x slower than fp32 on an AVX2
+CPU, which emulates bf16) and it sees a sharded FSDP2 parameter as its local rows only, while the
+orthogonalization must see the whole matrix. Here the iteration runs in bf16 where the device computes it
+natively and fp32 elsewhere, and a sharded (DTensor) momentum is all-gathered, orthogonalized whole on every
+rank (the same numbers everywhere) and cut back to the local shard: 2 gloo ranks equal 1 process (tested).
+The Newton-Schulz coefficients and lr rule are PyTorch's (`torch.optim._muon`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults (Keller Jordan's quintic)
+NS_STEPS = 5
+
+
+def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
+    """A 2-D weight of a transformer block."""
+    return p.ndim == 2 and ".blocks." in f".{name}"
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Param groups carry `muon: True` (momentum, Newton-Schulz) or False (AdamW with `betas`, `eps`)."""
+
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, momentum: float):
+        defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, weight_decay=0.0, muon=False)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    (self._muon if group["muon"] else self._adamw)(p, group)
+        return loss
+
+    def _muon(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf, mu = state["momentum_buffer"], group["momentum"]
+        buf.mul_(mu).add_(p.grad)
+        update = orthogonalized(p.grad.add(buf, alpha=mu))  # Nesterov
+        rows, cols = p.shape
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(rows, cols)))
+
+    def _adamw(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        beta1, beta2 = group["betas"]
+        state["step"] += 1
+        step = float(state["step"])
+        state["exp_avg"].lerp_(p.grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+
+
+def orthogonalized(m: torch.Tensor) -> torch.Tensor:
+    """Newton-Schulz orthogonalization of a 2-D momentum (a sharded DTensor: of the whole matrix, cut back)."""
+    if type(m).__name__ == "DTensor":
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = newton_schulz(m.full_tensor())
+        return distribute_tensor(whole, m.device_mesh, m.placements, src_data_rank=None)  # every rank has `whole`
+    return newton_schulz(m)
+
+
+@functools.cache
+def _ns_dtype(device: torch.device) -> torch.dtype:
+    from longboi.hardware import native_bf16
+
+    return torch.bfloat16 if native_bf16(device)[0] else torch.float32
+
+
+def newton_schulz(g: torch.Tensor) -> torch.Tensor:
+    """PyTorch's quintic iteration (`torch.optim._muon`), in bf16 where native, else fp32."""
+    a, b, c = NS_COEFFICIENTS
+    x = g.to(_ns_dtype(g.device))
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(NS_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
