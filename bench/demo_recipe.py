@@ -41,7 +41,12 @@ CANDIDATES = {
     "v4k-d320L6-b4": (4096, 320, 5, 6, 4, 1.5e-3, []),
     "v4k-d256L6-b1": (4096, 256, 4, 6, 1, 7e-4, []),
     "v4k-d320L6-b2": (4096, 320, 5, 6, 2, 1e-3, []),
-    "v4k-d256L6-b2-lr1.5": (4096, 256, 4, 6, 2, 1.5e-3, []),
+    "v4k-d256L6-b2-lr1.5": (4096, 256, 4, 6, 2, 1.5e-3, []),  # the demo recipe (AdamW)
+    # Optimizers on the demo recipe (issue 22): Muon keeps AdamW's lr (its lr rule matches AdamW's update
+    # RMS); Lion's sign updates are larger, so its lr is a few times smaller (as its paper advises).
+    "v4k-d256L6-b2-muon": (4096, 256, 4, 6, 2, 1.5e-3, ["--optimizer.name=muon"]),
+    "v4k-d256L6-b2-muon-lr3": (4096, 256, 4, 6, 2, 3e-3, ["--optimizer.name=muon"]),
+    "v4k-d256L6-b2-lion": (4096, 256, 4, 6, 2, 3e-4, ["--optimizer.name=lion"]),
 }
 
 

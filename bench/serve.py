@@ -74,14 +74,13 @@ class Server:
 
 
 async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> dict:
-    body = {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    return await stream_request(client, url, body)
+
+
+async def stream_request(client, url: str, body: dict) -> dict:
+    """One streamed completion: time to its first text, its latency and its generated tokens."""
+    body = body | {"stream": True, "stream_options": {"include_usage": True}}
     start, first, tokens = time.perf_counter(), None, 0
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:

@@ -26,31 +26,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from serve import TOKENIZER, Server, prompts, summarize  # noqa: E402
+from serve import TOKENIZER, Server, prompts, stream_request, summarize  # noqa: E402
 
 SCHEMA = {
     "type": "object",
     "properties": {"title": {"type": "string"}, "year": {"type": "integer"}, "tags": {"type": "array"}},
     "required": ["title", "year"],
 }
-
-
-async def request(client, url: str, body: dict) -> dict:
-    start, first, tokens = time.perf_counter(), None, 0
-    body = body | {"stream": True, "stream_options": {"include_usage": True}}
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            return {"error": r.status_code}
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    end = time.perf_counter()
-    return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
 
 
 async def run(jobs: list[tuple[str, dict]], timeout: float = 900) -> dict:
@@ -60,7 +42,7 @@ async def run(jobs: list[tuple[str, dict]], timeout: float = 900) -> dict:
     limits = httpx.Limits(max_connections=len(jobs) + 4)
     start = time.perf_counter()
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        results = await asyncio.gather(*(request(client, url, body) for url, body in jobs))
+        results = await asyncio.gather(*(stream_request(client, url, body) for url, body in jobs))
     return summarize(list(results), time.perf_counter() - start)
 
 

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_distributed import torchrun, write
-from test_train import assert_resumed, run_config, train_losses, write_config
+from test_train import assert_resumed, assert_same_run, kill_at_then_resume, run_config, train_losses, write_config
 
 from longboi.cli import main
 from longboi.config import ModelConfig
@@ -64,19 +58,8 @@ def test_muon_trains_and_resumes_bit_identically_after_kill_9(tmp_path, data):
     assert main(["train", str(straight)]) == 0
     losses = train_losses(tmp_path / "straight")
     assert losses[10] < losses[1] - 0.3  # it learns (AdamW at this lr: -2.1, Muon -0.5 in 10 steps of a d64 model)
-    cmd = [sys.executable, "-m", "longboi", "train"]
-    proc = subprocess.Popen(cmd + [str(crashed)], stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not (tmp_path / "crashed" / "checkpoints" / "step-00000006").exists():
-        assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    subprocess.run(cmd + [str(crashed)], check=True, stderr=subprocess.DEVNULL)
-    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "crashed" / "final" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert train_losses(tmp_path / "crashed") == losses
+    kill_at_then_resume(crashed, tmp_path / "crashed", 6)
+    assert_same_run(tmp_path / "straight", tmp_path / "crashed")
     assert_resumed(tmp_path / "crashed", from_at_least=6)
 
 

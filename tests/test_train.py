@@ -312,20 +312,30 @@ def test_kill_9_and_autoresume_is_bit_identical(tmp_path, data):
     straight_cfg = write_config(tmp_path / "a", run_config(data, tmp_path / "straight", **knobs))
     crashed_cfg = write_config(tmp_path / "b", run_config(data, tmp_path / "crashed", **knobs))
     assert main(["train", str(straight_cfg)]) == 0
-    cmd = [sys.executable, "-m", "longboi", "train"]
-    proc = subprocess.Popen(cmd + [str(crashed_cfg)], stderr=subprocess.DEVNULL)
+    kill_at_then_resume(crashed_cfg, tmp_path / "crashed", 6)
+    assert_same_run(tmp_path / "straight", tmp_path / "crashed")
+    assert_resumed(tmp_path / "crashed", from_at_least=6)
+
+
+def kill_at_then_resume(config: Path, run_dir: Path, step: int) -> None:
+    """`longboi train` killed with SIGKILL once checkpoint `step` exists, then the same command again."""
+    cmd = [sys.executable, "-m", "longboi", "train", str(config)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (tmp_path / "crashed" / "checkpoints" / "step-00000006").exists():
+    while not (run_dir / "checkpoints" / f"step-{step:08d}").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(cmd + [str(crashed_cfg)], check=True, stderr=subprocess.DEVNULL)  # no flags: autoresume
-    a = load_file(str(tmp_path / "straight" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "crashed" / "final" / "model.safetensors"))
+    subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL)  # no flags: autoresume
+
+
+def assert_same_run(a_dir: Path, b_dir: Path) -> None:
+    """Bit-identical final weights and the same losses at every step."""
+    a = load_file(str(a_dir / "final" / "model.safetensors"))
+    b = load_file(str(b_dir / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert train_losses(tmp_path / "straight") == train_losses(tmp_path / "crashed")
-    assert_resumed(tmp_path / "crashed", from_at_least=6)
+    assert train_losses(a_dir) == train_losses(b_dir)
 
 
 def assert_resumed(run_dir: Path, from_at_least: int) -> None:

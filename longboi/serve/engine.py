@@ -397,13 +397,11 @@ class Engine:
 
     def _route(self, pieces: list[Piece]) -> list[tuple[torch.Tensor, Stack]]:
         """(token rows, adapter stack) of this step's (1, N) row, one entry per stack in use."""
-        rows: dict[tuple, tuple[list[int], Stack]] = {}
+        rows: dict[int, tuple[list[int], Stack]] = {}
         at = 0
         for p in pieces:
-            stack = p.seq.owner.job.stack
-            if stack:
-                key = tuple((adapter.serial, scale) for adapter, scale in stack)
-                rows.setdefault(key, ([], stack))[0].extend(range(at, at + p.count))
+            if p.seq.root:  # one root per stack in use (`_root`); 0 is the base model
+                rows.setdefault(p.seq.root, ([], p.seq.owner.job.stack))[0].extend(range(at, at + p.count))
             at += p.count
         return [(torch.tensor(r, device=self.device), stack) for r, stack in rows.values()]
 
