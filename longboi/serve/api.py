@@ -375,7 +375,7 @@ def _routes(app: FastAPI, served: Served) -> None:
     async def models():
         engine, _ = served.ready()
         base = served.settings.model_name
-        card = {"id": base, "object": "model", "created": 0, "owned_by": "longboi", "max_model_len": 0}
+        card = {"id": base, "object": "model", "created": 0, "owned_by": "longboi"}
         card["max_model_len"] = engine.max_model_len
         adapters = served.bank.listed() if served.bank is not None else []
         cards = [card | {"id": a.name, "parent": base, "lora_rank": a.rank} for a in adapters]
@@ -479,13 +479,7 @@ def _tokenizer_routes(app: FastAPI, served: Served) -> None:
 
 def _check_model(served: Served, name: str | None) -> None:
     """`name` is the base model, an adapter or a stack of them (they share the base's tokenizer)."""
-    bank, base = served.bank, served.settings.model_name
-    parts = (name or base).split("+")
-    if all(p == base or (bank is not None and bank.get(p) is not None) for p in parts):
-        return
-    if name is not None and name != served.settings.model_name:
-        message = f"model: unknown model {name!r}; this server serves {served.settings.model_name!r}"
-        raise APIError(400, message, param="model", code="model_not_found")
+    _stack_of(served, name)
 
 
 async def _grammar(engine: Engine, body: Sampling) -> str | None:
@@ -511,16 +505,23 @@ def _check_adapter_name(served: Served, name: str) -> None:
 
 
 def _stack(served: Served, body: Sampling) -> Stack:
-    """The adapters a request applies: `model` names the base, an adapter, or a stack "a+b" (base+a+b);
-    `adapters` ([{name, scale}]) adds adapters with scales."""
-    base, names = served.settings.model_name, (body.model or served.settings.model_name).split("+")
+    """The adapters a request applies: its `model`, plus `adapters` ([{name, scale}]) with their scales."""
+    return _stack_of(served, body.model, tuple((a.name, a.scale) for a in body.adapters or ()))
+
+
+def _stack_of(served: Served, model: str | None, scaled: tuple[tuple[str, float], ...] = ()) -> Stack:
+    """`model` names the base, an adapter, or a stack "a+b" (or "base+a+b"); the adapters it names and
+    `scaled` ones, looked up in the server's bank (a 400 naming what is unknown)."""
+    base, names = served.settings.model_name, (model or served.settings.model_name).split("+")
     if names[0] == base:
         names = names[1:]
-    wanted = [(n, 1.0) for n in names] + [(a.name, a.scale) for a in body.adapters or ()]
+    wanted = [(n, 1.0) for n in names] + list(scaled)
     if len(wanted) > MAX_STACK:  # each adapter of a stack costs every step of the batch two matmuls per linear
         raise APIError(400, f"model: a stack of {len(wanted)} adapters; at most {MAX_STACK}", param="model")
+    if names and served.bank is None:
+        message = f"model: unknown model {model!r}; this server serves {base!r}"
+        raise APIError(400, message, param="model", code="model_not_found")
     if wanted and served.bank is None:
-        _check_model(served, body.model if names else None)
         raise APIError(400, "adapters: LoRA serving is off on this server", param="adapters")
     stack = []
     for name, scale in wanted:
