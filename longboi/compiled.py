@@ -67,7 +67,7 @@ class CompiledDecoder:
         cfg = tm.cfg
         x = tm.wte(token)  # (B, 1, d)
         if cfg.learned_pos_emb:  # left padding: a row's first real token is position 0
-            x = x + tm.wpe((pos - (~key_valid[:, :pos]).sum(1))[:, None])
+            x = x + tm.wpe((pos - (~key_valid).sum(1))[:, None])  # key_valid is False only at left padding
         bias = _key_bias(tm.alibi_slopes(token.device), pos, key_valid)  # (B, H|1, 1, capacity)
         for layer, block in enumerate(tm.blocks):
             attn = block.attn

@@ -235,11 +235,11 @@ def generate_ids(
         yield token
         if together(bool(done.all())) or step == params.max_new_tokens - 1:  # no forward for a token never sampled
             return
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-        if decoder is not None and cache is not None:
+        if decoder is not None and cache is not None:  # its static cache needs no growing ids or mask
             logits = decoder(token[:, None], cache, key_valid)
             continue
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
         step_input = token[:, None] if cache is not None else ids
         logits = model(step_input, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
 
