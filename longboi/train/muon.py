@@ -28,6 +28,7 @@ import functools
 import math
 
 import torch
+from torch.optim.adamw import adamw
 
 NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # torch.optim.Muon's defaults (Keller Jordan's quintic)
 NS_STEPS = 5
@@ -49,9 +50,14 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    (self._muon if group["muon"] else self._adamw)(p, group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:  # an empty group (a tied head leaves one) comes back from a checkpoint without its keys
+                continue
+            if group["muon"]:
+                for p in params:
+                    self._muon(p, group)
+            else:
+                self._adamw(params, group)
         return loss
 
     def _muon(self, p: torch.Tensor, group: dict) -> None:
@@ -65,19 +71,31 @@ class MuonAdamW(torch.optim.Optimizer):
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(rows, cols)))
 
-    def _adamw(self, p: torch.Tensor, group: dict) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+    def _adamw(self, params: list[torch.Tensor], group: dict) -> None:
+        """PyTorch's AdamW update (`torch.optim.adamw.adamw`) on this group, its state kept here."""
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        states = [self.state[p] for p in params]
         beta1, beta2 = group["betas"]
-        state["step"] += 1
-        step = float(state["step"])
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
+        adamw(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [],
+            [s["step"] for s in states],
+            foreach=False,  # one kernel per tensor: DTensors (FSDP2) and plain tensors alike
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=group["lr"],
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+        )
 
 
 def orthogonalized(m: torch.Tensor) -> torch.Tensor:
