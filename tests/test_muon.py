@@ -35,6 +35,16 @@ def test_the_blocks_matrices_go_to_muon_everything_else_to_adamw():
     assert isinstance(build_optimizer(model, OptimizerConfig(name="muon")), MuonAdamW)
 
 
+def test_newton_schulz_computes_in_the_runs_precision():
+    """An fp32 run (a pinned ladder) does fp32 Newton-Schulz on every CPU; a bf16 run does bf16."""
+    model = MPTForCausalLM(ModelConfig(d_model=64, n_heads=4, n_layers=2, vocab_size=512))
+    fp32, bf16 = (build_optimizer(model, OptimizerConfig(name="muon"), bf16=b) for b in (False, True))
+    assert (fp32.ns_dtype, bf16.ns_dtype) == (torch.float32, torch.bfloat16)
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    assert newton_schulz(g).dtype == torch.float32 and newton_schulz(g, torch.bfloat16).dtype == torch.bfloat16
+    assert (newton_schulz(g) - newton_schulz(g, torch.bfloat16).float()).abs().max() > 1e-4  # not the same sums
+
+
 def test_newton_schulz_orthogonalizes_and_the_update_matches_adamws_rms():
     torch.manual_seed(0)
     g = torch.randn(96, 32)

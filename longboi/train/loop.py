@@ -228,7 +228,7 @@ def setup(cfg: TrainConfig) -> Run:
     run, tok = Path(cfg.run_dir), Tokenizer(cfg.tokenizer)
     model, wrapped = _start_model(cfg, tok, d, choice.bf16)
     data = _training_data(cfg, tok, d)
-    optimizer = build_optimizer(wrapped, cfg.optimizer)
+    optimizer = build_optimizer(wrapped, cfg.optimizer, choice.bf16)
     per_rank = cfg.global_batch_size // d.world_size
     micro = cfg.micro_batch_size or find_micro_batch(wrapped, optimizer, data.seq_len, per_rank, choice.bf16, d)
     workers = cfg.data.num_workers if cfg.data else 0

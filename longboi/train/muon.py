@@ -11,8 +11,9 @@ cols)), so its RMS is about that of an AdamW update and a recipe's lr and weight
 
 Why not `torch.optim.Muon` as it is: it runs Newton-Schulz in bf16 always (100x slower than fp32 on an AVX2
 CPU, which emulates bf16) and it sees a sharded FSDP2 parameter as its local rows only, while the
-orthogonalization must see the whole matrix. Here the iteration runs in bf16 where the device computes
-it natively and in fp32 elsewhere, and a sharded (DTensor) momentum is all-gathered,
+orthogonalization must see the whole matrix. Here the iteration runs in the run's precision (bf16 in a bf16
+run, which `precision: auto` picks only where the device computes it natively; fp32 in an fp32 run, so a
+pinned-fp32 run does the same arithmetic on every CPU), and a sharded (DTensor) momentum is all-gathered,
 orthogonalized whole on every rank (the same numbers everywhere) and cut back to the local shard: 2 gloo
 ranks equal 1 process (tested).
 
@@ -24,7 +25,6 @@ The Newton-Schulz coefficients and lr rule are PyTorch's (`torch.optim._muon`).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -42,9 +42,13 @@ def is_muon_param(name: str, p: torch.nn.Parameter) -> bool:
 class MuonAdamW(torch.optim.Optimizer):
     """Param groups carry `muon: True` (momentum, Newton-Schulz) or False (AdamW with `betas`, `eps`)."""
 
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, momentum: float):
+    def __init__(
+        self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float, momentum: float, bf16: bool = False
+    ):
         defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, weight_decay=0.0, muon=False)
         super().__init__(groups, defaults)
+        # The demo's Muon runs on an AMX Xeon did 3,593 tokens/s with bf16 Newton-Schulz, ~2,900 with fp32.
+        self.ns_dtype = torch.bfloat16 if bf16 else torch.float32
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,7 +70,7 @@ class MuonAdamW(torch.optim.Optimizer):
             state["momentum_buffer"] = torch.zeros_like(p)
         buf, mu = state["momentum_buffer"], group["momentum"]
         buf.mul_(mu).add_(p.grad)
-        update = orthogonalized(p.grad.add(buf, alpha=mu))  # Nesterov
+        update = orthogonalized(p.grad.add(buf, alpha=mu), self.ns_dtype)  # Nesterov
         rows, cols = p.shape
         p.mul_(1 - group["lr"] * group["weight_decay"])
         p.add_(update.to(p.dtype), alpha=-group["lr"] * 0.2 * math.sqrt(max(rows, cols)))
@@ -98,29 +102,20 @@ class MuonAdamW(torch.optim.Optimizer):
         )
 
 
-def orthogonalized(m: torch.Tensor) -> torch.Tensor:
+def orthogonalized(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Newton-Schulz orthogonalization of a 2-D momentum (a sharded DTensor: of the whole matrix, cut back)."""
     if type(m).__name__ == "DTensor":
         from torch.distributed.tensor import distribute_tensor
 
-        whole = newton_schulz(m.full_tensor())
+        whole = newton_schulz(m.full_tensor(), dtype)
         return distribute_tensor(whole, m.device_mesh, m.placements, src_data_rank=None)  # every rank has `whole`
-    return newton_schulz(m)
+    return newton_schulz(m, dtype)
 
 
-@functools.cache
-def _ns_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device computes it natively (GPUs, AVX512-BF16/AMX CPUs), fp32 elsewhere: the demo's
-    Muon runs on an AMX Xeon did 3,593 tokens/s with bf16 Newton-Schulz and ~2,900 with fp32."""
-    from longboi.hardware import native_bf16
-
-    return torch.bfloat16 if native_bf16(device)[0] else torch.float32
-
-
-def newton_schulz(g: torch.Tensor) -> torch.Tensor:
-    """PyTorch's quintic iteration (`torch.optim._muon`), in bf16 where native, else fp32."""
+def newton_schulz(g: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """PyTorch's quintic iteration (`torch.optim._muon`), computed in `dtype`."""
     a, b, c = NS_COEFFICIENTS
-    x = g.to(_ns_dtype(g.device))
+    x = g.to(dtype)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T

@@ -63,7 +63,8 @@ class Lion(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, bf16: bool = False) -> torch.optim.Optimizer:
+    """`bf16`: the run computes in bf16 (Muon's Newton-Schulz then does too)."""
     groups = param_groups(model, cfg)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if cfg.name == "lion":
@@ -74,7 +75,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim
                 "optimizer muon with lora: not supported (LoRA trains thin rank-r factors, which Muon's "
                 "orthogonalization of whole matrices does not fit); use adamw or lion for LoRA runs"
             )
-        return MuonAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, momentum=cfg.momentum)
+        return MuonAdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, momentum=cfg.momentum, bf16=bf16)
     device = next(model.parameters()).device
     # The fused kernel exists for CPU and CUDA; it is several times faster than the foreach loop.
     fused = device.type in ("cpu", "cuda") and not _has_dtensor(model)
