@@ -1,113 +1,238 @@
-"""Does a ladder of small runs predict a bigger one? Train configs/scaling/r1-r5, fit L(C) = a * C^-b + c,
-predict the held-out run (about 4x the largest compute) before training it, then train it and compare.
+"""Optimizers on a scaling ladder, and a prediction put on record before its answer exists.
 
-    python bench/scaling.py [--reuse] [--out bench/results/scaling.json] [--png bench/results/scaling.png]
+    python bench/scaling.py dev        # the development ladder (configs/scaling/dev): where the fitting form was chosen
+    python bench/scaling.py ladder     # s1-s5 with AdamW and with Muon: fits, compute multiplier, predictions
+    git add bench/results/scaling_prediction.json && git commit ...    # on record before p4/p16 are trained
+    python bench/scaling.py heldout    # trains p4 and p16 with both optimizers; errors against the committed file
 
-Data: Tiny Shakespeare + TinyStories (../shared/data/text), a 320-id byte-level BPE trained on their
-first 90%, prepared into runs/scaling/data (10% held out for validation). Every run trains in fp32
-with the same recipe (configs/scaling/*.yaml); sizes and tokens are compute-optimal under the
-Besiroglu et al. 2024 Chinchilla fit. The prediction's error is in held-out validation loss (nats/token).
---reuse keeps finished runs (the fit and prediction are recomputed).
+Data (ladder): Tiny Shakespeare + TinyStories + LAMBADA's passages (../shared/data), a 320-id byte-level BPE trained
+on their first 90%, prepared into runs/scaling/data (10% held out). The development ladder uses Tiny Shakespeare +
+TinyStories alone (runs/scaling/dev). Every run trains in fp32 (the same arithmetic on every CPU), lr 3e-3 cosine,
+compute-optimal size and tokens under the Besiroglu et al. 2024 Chinchilla fit; Muon runs are the same configs with
+`--optimizer.name muon` (its update is scaled to AdamW's RMS, so the lr carries over). Losses are held-out
+validation loss (nats/token) over the whole split. --reuse keeps finished runs (fits are recomputed).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
+
+import numpy as np
 
 from longboi.cli import main as longboi
 from longboi.flops import model_stats
 from longboi.hardware import cpu_capability, cpu_model
 from longboi.runs import read_metrics
-from longboi.scaling import fit_runs, plot_fit, read_run
+from longboi.scaling import Prediction, RunPoint, bootstrap, compute_multiplier, fit_power_law, fit_runs, read_run
 from longboi.train.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXTS = [
-    str(ROOT.parent / "shared" / "data" / "text" / f) for f in ("tinyshakespeare.txt", "tinystories_valid_head.txt")
-]
+SHARED = ROOT.parent / "shared" / "data"
+TEXTS = [str(SHARED / "text" / f) for f in ("tinyshakespeare.txt", "tinystories_valid_head.txt")]
+LAMBADA = SHARED / "eval" / "local_data" / "language_understanding" / "lambada_openai.jsonl"
 WORK = ROOT / "runs" / "scaling"
-LADDER = ["r1", "r2", "r3", "r4", "r5"]
+LADDER, HELDOUT = ["s1", "s2", "s3", "s4", "s5"], ["p4", "p16"]
+OPTIMIZERS = ["adamw", "muon"]
+RESULTS = ROOT / "bench" / "results"
+PREDICTION = RESULTS / "scaling_prediction.json"
 
 
-def prepare() -> None:
-    if (WORK / "data" / "val" / "index.json").is_file():
+def prepare(work: Path, texts: list[str]) -> None:
+    if (work / "data" / "val" / "index.json").is_file():
         return
-    tok = str(WORK / "tokenizer.json")
-    assert longboi(["train-tokenizer", *TEXTS, "--vocab-size", "320", "--holdout-fraction", "0.1", "--out", tok]) == 0
-    args = [
-        "prepare",
-        *TEXTS,
-        "--out",
-        str(WORK / "data"),
-        "--tokenizer",
-        tok,
-        "--seq-len",
-        "129",
-        "--val-fraction",
-        "0.1",
-    ]
-    assert longboi(args) == 0
+    tok = str(work / "tokenizer.json")
+    assert longboi(["train-tokenizer", *texts, "--vocab-size", "320", "--holdout-fraction", "0.1", "--out", tok]) == 0
+    args = ["prepare", *texts, "--out", str(work / "data"), "--tokenizer", tok, "--seq-len", "129"]
+    assert longboi([*args, "--val-fraction", "0.1"]) == 0
 
 
-def train(name: str, reuse: bool) -> float:
-    """Train configs/scaling/NAME.yaml from the repository root; seconds taken (training alone when reused)."""
-    run = WORK / name
+def lambada_text() -> str:
+    """LAMBADA's 5,153 novel passages (context + its last word) as one text file, passages apart by blank lines."""
+    out = WORK / "lambada.txt"
+    if not out.is_file():
+        WORK.mkdir(parents=True, exist_ok=True)
+        rows = [json.loads(line) for line in LAMBADA.read_text().splitlines() if line.strip()]
+        out.write_text("\n\n".join(f"{r['context']} {r['continuation']}" for r in rows) + "\n")
+    return str(out)
+
+
+def train(config: Path, run: Path, optimizer: str | None, reuse: bool) -> float:
+    """Train one config (AdamW as written, or another optimizer by override); seconds of training."""
     if reuse and (run / "final").is_dir():  # its own training time, from its log
         return next(r["elapsed_s"] for r in reversed(read_metrics(run)) if r["kind"] == "train")
     shutil.rmtree(run, ignore_errors=True)
     start = time.perf_counter()
-    assert longboi(["train", str(ROOT / "configs" / "scaling" / f"{name}.yaml")]) == 0
+    overrides = ["--run_dir", str(run)] + (["--optimizer.name", optimizer] if optimizer else [])
+    assert longboi(["train", str(config), *overrides]) == 0
     return time.perf_counter() - start
 
 
-def planned_flops(name: str) -> float:
-    """The run's training FLOPs from its config alone (tokens x the MFU counter's FLOPs/token)."""
-    cfg = load_train_config(ROOT / "configs" / "scaling" / f"{name}.yaml")
-    tokens = float(cfg.max_duration.removesuffix("tok"))
-    return tokens * model_stats(cfg.model, 128).train_flops_per_token
+def planned_flops(config: Path) -> float:
+    """A run's training FLOPs from its config alone (tokens x the MFU counter's FLOPs/token)."""
+    cfg = load_train_config(config)
+    return float(cfg.max_duration.removesuffix("tok")) * model_stats(cfg.model, 128).train_flops_per_token
+
+
+def env() -> dict:
+    return {"cpu": cpu_model(), "cpu_capability": cpu_capability(), "threads": os.cpu_count()}
+
+
+def point(run: Path, seconds: float) -> dict:
+    return vars(read_run(run)) | {"seconds": round(seconds, 1)}
+
+
+def dev(reuse: bool) -> None:
+    """Backtest the two candidate forms on the development ladder: fit the first k runs, predict every larger one."""
+    work, configs = WORK / "dev", ROOT / "configs" / "scaling" / "dev"
+    prepare(work, TEXTS)
+    names = ["r1", "r2", "r3", "r4", "r5", "heldout"]
+    seconds = {n: train(configs / f"{n}.yaml", work / n, None, reuse) for n in names}
+    points = [read_run(work / n) for n in names]
+    flops, loss = np.array([p.flops for p in points]), np.array([p.loss for p in points])
+    backtest = []
+    for floor in (False, True):
+        for k in (3, 4, 5):
+            fit = fit_power_law(flops[:k], loss[:k], floor)
+            errors = {names[j]: 100 * (float(fit(flops[j])) / loss[j] - 1) for j in range(k, len(names))}
+            backtest.append({"floor": floor, "fitted_runs": names[:k], "b": fit.b, "c": fit.c, "error_pct": errors})
+            shown = "  ".join(f"{n} {e:+.2f}%" for n, e in errors.items())
+            print(f"{'floor' if floor else 'no floor':8} fit r1-r{k}: b={fit.b:.3f} c={fit.c:.3f}   {shown}")
+    result = {"env": env(), "runs": [point(work / n, seconds[n]) for n in names], "backtest": backtest}
+    (RESULTS / "scaling_dev.json").write_text(json.dumps(result, indent=2) + "\n")
+
+
+def ladder_points(optimizer: str, names: list[str], reuse: bool) -> tuple[list[RunPoint], dict]:
+    configs, seconds = ROOT / "configs" / "scaling", {}
+    for n in names:
+        seconds[n] = train(
+            configs / f"{n}.yaml", WORK / optimizer / n, None if optimizer == "adamw" else optimizer, reuse
+        )
+    return [read_run(WORK / optimizer / n) for n in names], seconds
+
+
+def ladder(reuse: bool) -> None:
+    """Train s1-s5 with both optimizers, fit each with the frozen default procedure, predict p4 and p16 and write
+    the prediction file (to be committed before `heldout` runs)."""
+    prepare(WORK, [*TEXTS, lambada_text()])
+    configs = ROOT / "configs" / "scaling"
+    targets = {n: planned_flops(configs / f"{n}.yaml") for n in HELDOUT}
+    out = {"env": env(), "procedure": "longboi.scaling defaults: pure power law (see its docstring)", "ladders": {}}
+    points = {}
+    for opt in OPTIMIZERS:
+        points[opt], seconds = ladder_points(opt, LADDER, reuse)
+        print(f"\n{opt}:")
+        fit, p4 = fit_runs(points[opt], targets["p4"])
+        low, high = bootstrap(
+            np.array([p.flops for p in points[opt]]), np.array([p.loss for p in points[opt]]), targets["p16"]
+        )
+        preds = {"p4": p4, "p16": Prediction(targets["p16"], float(fit(targets["p16"])), low, high)}
+        print(f"prediction at {targets['p16']:.3g} FLOPs (p16): {preds['p16'].loss:.4f} (90%: {low:.4f}-{high:.4f})")
+        out["ladders"][opt] = {
+            "runs": [vars(p) | {"seconds": round(seconds[p.name], 1)} for p in points[opt]],
+            "fit": {"a": fit.a, "b": fit.b, "c": fit.c, "scale": fit.scale},
+            "predictions": {
+                n: {"flops": p.flops, "loss": p.loss, "low": p.low, "high": p.high} for n, p in preds.items()
+            },
+        }
+    at = points["adamw"][-1].flops
+    ratio, low, high = compute_multiplier(points["adamw"], points["muon"], at)
+    print(
+        f"\ncompute multiplier at AdamW's s5 loss: Muon needs 1/{ratio:.2f} of AdamW's compute "
+        f"(90%: {low:.2f}-{high:.2f})"
+    )
+    out["multiplier"] = {"at_flops": at, "ratio": ratio, "low": low, "high": high}
+    out["commit"] = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    PREDICTION.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {PREDICTION}: commit it before `python bench/scaling.py heldout`")
+
+
+def committed(path: Path) -> bool:
+    """The file is in git's HEAD exactly as it is on disk."""
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", str(path)], cwd=ROOT, capture_output=True)
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", str(path)], cwd=ROOT)
+    return tracked.returncode == 0 and clean.returncode == 0
+
+
+def heldout(reuse: bool) -> None:
+    """Train p4 and p16 with both optimizers and score the committed predictions."""
+    if not committed(PREDICTION):
+        raise SystemExit(f"{PREDICTION} is not committed as it is: run `ladder` and commit its prediction first")
+    predicted = json.loads(PREDICTION.read_text())
+    out = predicted | {"env_heldout": env(), "heldout": {}}
+    for opt in OPTIMIZERS:
+        runs, seconds = ladder_points(opt, HELDOUT, reuse)
+        for run in runs:
+            pred = predicted["ladders"][opt]["predictions"][run.name]
+            error = 100 * (pred["loss"] / run.loss - 1)
+            inside = pred["low"] <= run.loss <= pred["high"]
+            print(
+                f"{opt} {run.name}: loss {run.loss:.4f}, predicted {pred['loss']:.4f} ({error:+.2f}%), "
+                f"{'inside' if inside else 'outside'} the 90% interval {pred['low']:.4f}-{pred['high']:.4f}"
+            )
+            out["heldout"].setdefault(opt, {})[run.name] = vars(run) | {
+                "seconds": round(seconds[run.name], 1),
+                "error_pct": error,
+                "inside_interval": inside,
+            }
+    (RESULTS / "scaling.json").write_text(json.dumps(out, indent=2) + "\n")
+    plot(out, RESULTS / "scaling.png")
+
+
+def plot(result: dict, path: Path) -> None:
+    """Both ladders, their fits, the predictions with intervals and the held-out runs, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    top = max(p["flops"] for lad in result["ladders"].values() for p in lad["predictions"].values()) * 1.5
+    for color, (opt, lad) in zip(("C0", "C1"), result["ladders"].items()):
+        runs, fit = lad["runs"], lad["fit"]
+        grid = np.logspace(np.log10(min(r["flops"] for r in runs) / 1.5), np.log10(top), 200)
+        curve = fit["a"] * (grid / fit["scale"]) ** -fit["b"] + fit["c"]
+        ax.plot(grid, curve, "-", color=color, label=f"{opt}: {fit['a']:.3g}(C/{fit['scale']:.2g})^-{fit['b']:.3f}")
+        ax.scatter([r["flops"] for r in runs], [r["loss"] for r in runs], color=color, zorder=3)
+        for name, p in lad["predictions"].items():
+            err = [[p["loss"] - p["low"]], [p["high"] - p["loss"]]]
+            ax.errorbar([p["flops"]], [p["loss"]], yerr=err, fmt="s", mfc="none", color=color, capsize=4)
+            actual = result.get("heldout", {}).get(opt, {}).get(name)
+            if actual:
+                ax.scatter([actual["flops"]], [actual["loss"]], marker="*", s=140, color=color, edgecolor="k", zorder=4)
+    ax.scatter([], [], marker="s", facecolor="none", edgecolor="gray", label="predicted (90%), committed first")
+    ax.scatter([], [], marker="*", s=140, color="gray", edgecolor="k", label="held-out runs (4x, 16x)")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss (nats/token)")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("phase", choices=["dev", "ladder", "heldout", "plot"])
     p.add_argument("--reuse", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scaling.json"))
-    p.add_argument("--png", default=str(ROOT / "bench" / "results" / "scaling.png"))
     args = p.parse_args()
-    import os
-
     os.chdir(ROOT)  # the configs' paths are relative to the repository root
-    prepare()
-    seconds = {name: train(name, args.reuse) for name in LADDER}
-    points = [read_run(WORK / name) for name in LADDER]
-    fit, pred = fit_runs(points, planned_flops("heldout"))  # predicted before the held-out run exists
-    print("the same runs without a floor (c = 0):")
-    bare, bare_pred = fit_runs(points, planned_flops("heldout"), floor=False)
-    seconds["heldout"] = train("heldout", args.reuse)
-    actual = read_run(WORK / "heldout")
-    error, bare_error = (100 * (p.loss / actual.loss - 1) for p in (pred, bare_pred))
-    inside = pred.low <= actual.loss <= pred.high
-    print(
-        f"held-out run: {actual.flops:.3g} FLOPs, loss {actual.loss:.4f}; predicted {pred.loss:.4f} ({error:+.2f}%), "
-        f"{'inside' if inside else 'outside'} the 90% interval {pred.low:.4f}-{pred.high:.4f}; "
-        f"without a floor {bare_pred.loss:.4f} ({bare_error:+.2f}%)"
-    )
-    plot_fit(points, fit, pred, args.png, actual=actual.loss, alt=(bare, bare_pred))
-    result = {
-        "env": {"cpu": cpu_model(), "cpu_capability": cpu_capability()},
-        "runs": [vars(r) | {"seconds": seconds[r.name]} for r in [*points, actual]],
-        "fit": {"a": fit.a, "b": fit.b, "c": fit.c, "scale": fit.scale},
-        "prediction": {"flops": pred.flops, "loss": pred.loss, "low": pred.low, "high": pred.high},
-        "actual_loss": actual.loss,
-        "error_pct": error,
-        "inside_interval": inside,
-        "no_floor": {"a": bare.a, "b": bare.b, "prediction": bare_pred.loss, "error_pct": bare_error},
-    }
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out} and {args.png}")
+    if args.phase == "plot":  # redraw from the committed results
+        result = json.loads(
+            ((RESULTS / "scaling.json") if (RESULTS / "scaling.json").is_file() else PREDICTION).read_text()
+        )
+        return plot(result, RESULTS / "scaling.png")
+    {"dev": dev, "ladder": ladder, "heldout": heldout}[args.phase](args.reuse)
 
 
 if __name__ == "__main__":

@@ -185,9 +185,9 @@ def scaling(
     tokens: float | None = None,
     seq_len: int | None = None,
     png: str | None = "scaling.png",
-    floor: bool = True,
+    floor: bool = False,
 ) -> dict:
-    """Fit L(C) = a * C^-b + c to finished runs (training FLOPs, final validation loss) and predict a larger run.
+    """Fit L(C) = a * C^-b (+ c) to finished runs (training FLOPs, final validation loss) and predict a larger run.
 
     Args:
         action: fit.
@@ -197,7 +197,7 @@ def scaling(
         tokens: training tokens of --predict-model.
         seq_len: sequence length of --predict-model (default: its max_seq_len).
         png: write the log-log plot here (none: no plot).
-        floor: fit the irreducible-loss floor c (--no-floor: a pure power law, c = 0).
+        floor: also fit an irreducible-loss floor c (default: a pure power law; see longboi/scaling.py).
     """
     from longboi.flops import model_stats
     from longboi.scaling import fit_runs, plot_fit, read_run

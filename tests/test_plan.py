@@ -13,7 +13,7 @@ from longboi.cli import main, plan
 from longboi.config import preset
 from longboi.flops import model_stats
 from longboi.plan import accelerator, train_memory
-from longboi.scaling import FITS, fit_power_law, read_run
+from longboi.scaling import FITS, RunPoint, compute_multiplier, fit_power_law, read_run
 
 
 def test_flops_per_token_is_the_hand_count_including_attention():
@@ -116,14 +116,31 @@ def test_a_power_law_with_a_floor_is_recovered_from_noisy_points():
     rng = np.random.default_rng(0)
     flops = np.logspace(15, 19, 8)
     true = 2.0 * (flops / 1e17) ** -0.3 + 1.7
-    fit = fit_power_law(flops, true * np.exp(rng.normal(0, 0.003, len(flops))))
+    fit = fit_power_law(flops, true * np.exp(rng.normal(0, 0.003, len(flops))), floor=True)
     assert fit.b == pytest.approx(0.3, rel=0.1) and fit.c == pytest.approx(1.7, rel=0.05)
     assert fit(1e20) == pytest.approx(2.0 * 1000**-0.3 + 1.7, rel=0.01)
-    bare = fit_power_law(flops, 3.0 * (flops / 1e17) ** -0.1 * np.exp(rng.normal(0, 0.003, len(flops))), floor=False)
+    bare = fit_power_law(flops, 3.0 * (flops / 1e17) ** -0.1 * np.exp(rng.normal(0, 0.003, len(flops))))
     assert bare.c == 0 and bare(1e17) == pytest.approx(3.0, rel=0.01) and bare.b == pytest.approx(0.1, rel=0.05)
     outlier = true.copy()
     outlier[3] *= 1.3  # one broken run: the robust loss keeps the fit on the others
-    assert fit_power_law(flops, outlier)(1e20) == pytest.approx(2.0 * 1000**-0.3 + 1.7, rel=0.02)
+    assert fit_power_law(flops, outlier, floor=True)(1e20) == pytest.approx(2.0 * 1000**-0.3 + 1.7, rel=0.02)
+
+
+def test_compute_multiplier_recovers_a_known_efficiency_gain():
+    """Ladder B reaches every loss with 1/2.5 of ladder A's compute: the multiplier is 2.5, inside its interval."""
+    rng = np.random.default_rng(1)
+    flops = np.logspace(11, 12.3, 5)
+
+    def ladder(gain):
+        losses = 3.0 * (gain * flops / 1e11) ** -0.1 * np.exp(rng.normal(0, 0.004, len(flops)))
+        return [RunPoint(f"r{i}", c, x, 0, 0) for i, (c, x) in enumerate(zip(flops, losses))]
+
+    adamw, muon = ladder(1.0), ladder(2.5)
+    ratio, low, high = compute_multiplier(adamw, muon, at_flops=flops[-1])
+    assert ratio == pytest.approx(2.5, rel=0.15) and low < ratio < high and low < 2.5 < high
+    same, low, high = compute_multiplier(adamw, adamw, at_flops=flops[-1])
+    assert same == pytest.approx(1.0) and low < 1.0 < high
+    assert fit_power_law(flops, 3.0 * (flops / 1e11) ** -0.1).flops_for(3.0) == pytest.approx(1e11, rel=1e-3)
 
 
 def test_scaling_fit_reads_real_runs_and_plots(tmp_path, capsys):
@@ -146,8 +163,9 @@ def test_scaling_fit_reads_real_runs_and_plots(tmp_path, capsys):
     assert main(["scaling", "fit", *runs, "--predict-flops", "3.2e12", "--png", str(png)]) == 0
     printed = capsys.readouterr().out
     assert "prediction at 3.2e+12 FLOPs" in printed and png.stat().st_size > 10_000
-    assert main(["scaling", "fit", *runs, "--predict-flops", "3.2e12", "--no-floor", "--png", "none"]) == 0
-    assert "+ 0.0000" in capsys.readouterr().out
+    assert "+ 0.0000" in printed  # the default: a pure power law
+    assert main(["scaling", "fit", *runs, "--predict-flops", "3.2e12", "--floor", "--png", "none"]) == 0
+    assert "+ 0.0000" not in capsys.readouterr().out
     (tmp_path / "r0" / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "tokens": 1}) + "\n")
     assert main(["scaling", "fit", *runs]) == 2
     assert "no validation records" in capsys.readouterr().err
