@@ -38,6 +38,7 @@ TEXTS = [str(SHARED / "text" / f) for f in ("tinyshakespeare.txt", "tinystories_
 LAMBADA = SHARED / "eval" / "local_data" / "language_understanding" / "lambada_openai.jsonl"
 WORK = ROOT / "runs" / "scaling"
 LADDER, HELDOUT = ["s1", "s2", "s3", "s4", "s5"], ["p4", "p16"]
+SEEDS = [17, 18]  # every ladder point twice (init and data order): a fit of one run per point cannot see the noise
 OPTIMIZERS = ["adamw", "muon"]
 RESULTS = ROOT / "bench" / "results"
 PREDICTION = RESULTS / "scaling_prediction.json"
@@ -62,13 +63,14 @@ def lambada_text() -> str:
     return str(out)
 
 
-def train(config: Path, run: Path, optimizer: str | None, reuse: bool) -> float:
-    """Train one config (AdamW as written, or another optimizer by override); seconds of training."""
+def train(config: Path, run: Path, optimizer: str | None, reuse: bool, seed: int = 17) -> float:
+    """Train one config (AdamW as written, or another optimizer and seed by override); seconds of training."""
     if reuse and (run / "final").is_dir():  # its own training time, from its log
         return next(r["elapsed_s"] for r in reversed(read_metrics(run)) if r["kind"] == "train")
     shutil.rmtree(run, ignore_errors=True)
     start = time.perf_counter()
-    overrides = ["--run_dir", str(run)] + (["--optimizer.name", optimizer] if optimizer else [])
+    overrides = ["--run_dir", str(run), "--seed", str(seed), "--data.seed", str(seed)]
+    overrides += ["--optimizer.name", optimizer] if optimizer else []
     assert longboi(["train", str(config), *overrides]) == 0
     return time.perf_counter() - start
 
@@ -107,13 +109,16 @@ def dev(reuse: bool) -> None:
     (RESULTS / "scaling_dev.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
-def ladder_points(optimizer: str, names: list[str], reuse: bool) -> tuple[list[RunPoint], dict]:
-    configs, seconds = ROOT / "configs" / "scaling", {}
+def ladder_points(optimizer: str, names: list[str], reuse: bool, seeds=(17,)) -> tuple[list[RunPoint], dict]:
+    """Train configs/scaling/NAME.yaml once per seed into runs/scaling/OPTIMIZER/NAME[-seedS]."""
+    configs, seconds, runs = ROOT / "configs" / "scaling", {}, []
     for n in names:
-        seconds[n] = train(
-            configs / f"{n}.yaml", WORK / optimizer / n, None if optimizer == "adamw" else optimizer, reuse
-        )
-    return [read_run(WORK / optimizer / n) for n in names], seconds
+        for seed in seeds:
+            run = WORK / optimizer / (n if seed == 17 else f"{n}-seed{seed}")
+            other = None if optimizer == "adamw" else optimizer
+            seconds[run.name] = train(configs / f"{n}.yaml", run, other, reuse, seed)
+            runs.append(run)
+    return [read_run(run) for run in runs], seconds
 
 
 def ladder(reuse: bool) -> None:
@@ -125,7 +130,7 @@ def ladder(reuse: bool) -> None:
     out = {"env": env(), "procedure": "longboi.scaling defaults: pure power law (see its docstring)", "ladders": {}}
     points = {}
     for opt in OPTIMIZERS:
-        points[opt], seconds = ladder_points(opt, LADDER, reuse)
+        points[opt], seconds = ladder_points(opt, LADDER, reuse, SEEDS)
         print(f"\n{opt}:")
         fit, p4 = fit_runs(points[opt], targets["p4"])
         low, high = bootstrap(
@@ -140,7 +145,7 @@ def ladder(reuse: bool) -> None:
                 n: {"flops": p.flops, "loss": p.loss, "low": p.low, "high": p.high} for n, p in preds.items()
             },
         }
-    at = points["adamw"][-1].flops
+    at = max(p.flops for p in points["adamw"])
     ratio, low, high = compute_multiplier(points["adamw"], points["muon"], at)
     print(
         f"\ncompute multiplier at AdamW's s5 loss: Muon needs 1/{ratio:.2f} of AdamW's compute "
