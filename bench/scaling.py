@@ -187,8 +187,22 @@ def heldout(reuse: bool) -> None:
                 "error_pct": error,
                 "inside_interval": inside,
             }
+    out["heldout_multiplier"] = heldout_multiplier(out["heldout"])
     (RESULTS / "scaling.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(out, RESULTS / "scaling.png")
+
+
+def heldout_multiplier(runs: dict) -> dict:
+    """The multiplier measured on the held-out runs themselves, no fit: the compute AdamW needs for each Muon
+    run's loss, on the log-log line through AdamW's p4 and p16 (beyond p16: that line extended), over Muon's."""
+    a4, a16 = runs["adamw"]["p4"], runs["adamw"]["p16"]
+    slope = np.log(a16["loss"] / a4["loss"]) / np.log(a16["flops"] / a4["flops"])
+    out = {}
+    for name, m in runs["muon"].items():
+        adamw_flops = a4["flops"] * np.exp(np.log(m["loss"] / a4["loss"]) / slope)
+        out[name] = float(adamw_flops / m["flops"])
+        print(f"Muon {name}: AdamW would need {out[name]:.2f}x its compute for the same loss (held-out runs, no fit)")
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
