@@ -414,7 +414,7 @@ from longboi.train.config import OptimizerConfig
 from longboi.train.probe import find_micro_batch
 from longboi.train.optim import build_optimizer
 from longboi.train.parallelize import Dist
-model = MPTForCausalLM(preset("tiny").replace(n_layers=2))
+model = MPTForCausalLM(preset("tiny").replace(n_layers=2, vocab_size=512))  # activations, not the LM head, fill memory
 before = {k: v.clone() for k, v in model.state_dict().items()}
 optimizer = build_optimizer(model, OptimizerConfig(lr=1e-3))
 cap = 3 * 2**30  # address space: 4096 x 64 tokens of activations need several times more
