@@ -29,7 +29,17 @@ from longboi.cli import main as longboi
 from longboi.flops import model_stats
 from longboi.hardware import cpu_capability, cpu_model
 from longboi.runs import read_metrics
-from longboi.scaling import Prediction, RunPoint, bootstrap, compute_multiplier, fit_power_law, fit_runs, read_run
+from longboi.scaling import (
+    Prediction,
+    RunPoint,
+    bootstrap,
+    compute_multiplier,
+    fit_power_law,
+    fit_runs,
+    pyplot,
+    read_run,
+    save_loglog,
+)
 from longboi.train.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,13 +217,7 @@ def heldout_multiplier(runs: dict) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     """Both ladders, their fits, the predictions with intervals and the held-out runs, log-log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.4, 4.2))
     top = max(p["flops"] for lad in result["ladders"].values() for p in lad["predictions"].values()) * 1.5
     for color, (opt, lad) in zip(("C0", "C1"), result["ladders"].items()):
         runs, fit = lad["runs"], lad["fit"]
@@ -229,15 +233,7 @@ def plot(result: dict, path: Path) -> None:
                 ax.scatter([actual["flops"]], [actual["loss"]], marker="*", s=140, color=color, edgecolor="k", zorder=4)
     ax.scatter([], [], marker="s", facecolor="none", edgecolor="gray", label="predicted (90%), committed first")
     ax.scatter([], [], marker="*", s=140, color="gray", edgecolor="k", label="held-out runs (4x, 16x)")
-    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss (nats/token)")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {save_loglog(fig, ax, path)}")
 
 
 def main() -> None:

@@ -233,39 +233,39 @@ def fit_runs(
     return fit, pred
 
 
-def plot_fit(
-    points: list[RunPoint], fit: PowerFit, pred: Prediction | None, path: str | Path, actual=None, alt=None
-) -> Path:
-    """Log-log PNG: runs as points, the fit, the prediction with its interval (and the actual loss if known;
-    `alt`: a second (fit, prediction), dashed)."""
+def plot_fit(points: list[RunPoint], fit: PowerFit, pred: Prediction | None, path: str | Path) -> Path:
+    """Log-log PNG: runs as points, the fit, the prediction with its 90% interval."""
+    plt = pyplot()
+    flops = np.array([p.flops for p in points])
+    right = max(flops.max(), pred.flops if pred else 0) * 1.5
+    grid = np.logspace(np.log10(flops.min() / 1.5), np.log10(right), 200)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    label = f"fit: {fit.a:.3g}(C/{fit.scale:.2g})^-{fit.b:.3f}" + (f" + {fit.c:.3f}" if fit.c else "")
+    ax.plot(grid, fit(grid), "-", color="C0", label=label)
+    ax.scatter(flops, [p.loss for p in points], color="C0", zorder=3, label="runs (fitted)")
+    if pred is not None:
+        err = [[pred.loss - pred.low], [pred.high - pred.loss]]
+        ax.errorbar([pred.flops], [pred.loss], yerr=err, fmt="s", color="C1", capsize=4, label="prediction (90%)")
+    return save_loglog(fig, ax, path)
+
+
+def pyplot():
+    """matplotlib's pyplot, drawing to files only."""
     try:
         import matplotlib
     except ImportError as e:
         raise UserError("the plot needs matplotlib: pip install 'longboi[scaling]' (or --png none)") from e
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_loglog(fig, ax, path: str | Path) -> Path:
+    """Log-log axes of loss against training FLOPs, plain decimal loss ticks, legend; saved and closed."""
+    import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    flops = np.array([p.flops for p in points])
-    right = max(flops.max(), pred.flops if pred else 0) * 1.5
-    grid = np.logspace(np.log10(flops.min() / 1.5), np.log10(right), 200)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(grid, fit(grid), "-", color="C0", label=f"fit: {fit.a:.3g}(C/{fit.scale:.2g})^-{fit.b:.3f} + {fit.c:.3f}")
-    ax.scatter(flops, [p.loss for p in points], color="C0", zorder=3, label="runs (fitted)")
-    if pred is not None:
-        err = [[pred.loss - pred.low], [pred.high - pred.loss]]
-        ax.errorbar([pred.flops], [pred.loss], yerr=err, fmt="s", color="C1", capsize=4, label="prediction (90%)")
-    if alt is not None:
-        other, guess = alt
-        label = f"{other.a:.3g}(C/{other.scale:.2g})^-{other.b:.3f}" + (
-            f" + {other.c:.3f}" if other.c else " (no floor)"
-        )
-        ax.plot(grid, other(grid), "--", color="C2", label=label)
-        if guess is not None:
-            err = [[guess.loss - guess.low], [guess.high - guess.loss]]
-            ax.errorbar([guess.flops * 1.04], [guess.loss], yerr=err, fmt="D", color="C2", capsize=4)
-    if actual is not None:
-        ax.scatter([pred.flops], [actual], marker="*", s=140, color="C3", zorder=4, label="held-out run (actual)")
     ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="validation loss (nats/token)")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 2.4, not 2.4 x 10^0
     ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
