@@ -177,7 +177,7 @@ def _size_for_budget(acc, gpus, rate, goodput, price, fit, inference_tokens, flo
 
 
 def scaling(
-    action: Literal["fit"],
+    action: Literal["fit", "compare"],
     runs: list[str],
     *,
     predict_flops: float | None = None,
@@ -186,34 +186,83 @@ def scaling(
     seq_len: int | None = None,
     png: str | None = "scaling.png",
     floor: bool = False,
+    baseline: list[str] | None = None,
+    at_flops: float | None = None,
 ) -> dict:
-    """Fit L(C) = a * C^-b (+ c) to finished runs (training FLOPs, final validation loss) and predict a larger run.
+    """Fit L(C) = a * C^-b (+ c) to finished runs and predict a larger run, or compare two ladders' compute.
 
     Args:
-        action: fit.
-        runs: run directories (each with config.yaml and metrics.jsonl with an evaluation).
+        action: fit (fit RUNS, predict a larger run) or compare (how many times less compute RUNS need than
+            the --baseline runs for the same loss, with a 90% bootstrap interval).
+        runs: run directories (each with config.yaml and metrics.jsonl with an evaluation), or quoted globs.
         predict_flops: predict the loss of a run with this many training FLOPs.
         predict_model: ... or of this model (preset or checkpoint) trained on --tokens tokens.
         tokens: training tokens of --predict-model.
         seq_len: sequence length of --predict-model (default: its max_seq_len).
         png: write the log-log plot here (none: no plot).
         floor: also fit an irreducible-loss floor c (default: a pure power law; see longboi/scaling.py).
+        baseline: compare: the baseline ladder's run directories or quoted globs (the flag repeats).
+        at_flops: compare: at the loss the baseline's fit reaches at this compute (default: its largest run's).
     """
-    from longboi.flops import model_stats
-    from longboi.scaling import fit_runs, plot_fit, read_run
+    from longboi.scaling import fit_runs, plot_fit
 
-    points = [read_run(r) for r in runs]
-    if predict_model is not None:
-        if tokens is None or tokens <= 0:
-            raise UserError("--predict-model needs --tokens (a positive count)")
-        predict_flops = tokens * model_stats(_config_of(predict_model), seq_len).train_flops_per_token
-    if predict_flops is not None and predict_flops <= 0:
-        raise UserError(f"--predict-flops must be positive, got {predict_flops:g}")
+    points = _ladder(runs)
+    if action == "compare":
+        return _compare_ladders(points, _ladder(baseline or []), at_flops, floor)
+    predict_flops = _predict_flops(predict_flops, predict_model, tokens, seq_len)
     fit, pred = fit_runs(points, predict_flops, floor)
     if png:
         print(f"wrote {plot_fit(points, fit, pred, png)}")
     out = {"a": fit.a, "b": fit.b, "c": fit.c, "scale": fit.scale}
     return out | ({"prediction": pred.loss, "low": pred.low, "high": pred.high} if pred else {})
+
+
+def _ladder(paths: list[str]) -> list:
+    """Finished runs from directories or globs of them (a glob that matches nothing is an error)."""
+    import glob
+
+    from longboi.scaling import read_run
+
+    found = []
+    for path in paths:
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        if not matches:
+            raise UserError(f"{path}: matches no run directory")
+        found += matches
+    return [read_run(r) for r in found]
+
+
+def _predict_flops(flops: float | None, model: str | None, tokens: float | None, seq_len: int | None) -> float | None:
+    from longboi.flops import model_stats
+
+    if model is not None:
+        if tokens is None or tokens <= 0:
+            raise UserError("--predict-model needs --tokens (a positive count)")
+        flops = tokens * model_stats(_config_of(model), seq_len).train_flops_per_token
+    if flops is not None and flops <= 0:
+        raise UserError(f"--predict-flops must be positive, got {flops:g}")
+    return flops
+
+
+def _compare_ladders(points: list, baseline: list, at_flops: float | None, floor: bool) -> dict:
+    from longboi.scaling import compute_multiplier, fit_runs
+
+    if not baseline:
+        raise UserError("scaling compare needs --baseline RUN_DIR (or a quoted glob), once per baseline run")
+    at = at_flops or max(p.flops for p in baseline)
+    if at <= 0:
+        raise UserError(f"--at-flops must be positive, got {at:g}")
+    print("baseline:")
+    base_fit, _ = fit_runs(baseline, None, floor)
+    print("compared:")
+    fit_runs(points, None, floor)
+    ratio, low, high = compute_multiplier(baseline, points, at, floor)
+    loss = float(base_fit(at))
+    print(
+        f"at the baseline's loss {loss:.4f} (its fit at {at:.3g} FLOPs) the compared runs need 1/{ratio:.2f} "
+        f"of its compute: a {ratio:.2f}x compute multiplier (90%: {low:.2f}-{high:.2f})"
+    )
+    return {"at_flops": at, "loss": loss, "multiplier": ratio, "low": low, "high": high}
 
 
 def init(preset: str, out: str, *, tokenizer: str, seed: int = 0) -> Path:
@@ -992,7 +1041,7 @@ def _add_command(sub: argparse._SubParsersAction, fn: Callable) -> None:
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
         tp = _unwrap_optional(hints[name])
-        kwargs: dict = {"help": docs.get(name, "")}
+        kwargs: dict = {"help": docs.get(name, "").replace("%", "%%")}  # argparse %-formats help
         if param.default not in (inspect.Parameter.empty, None, False):
             kwargs["help"] += f" (default: {param.default})"
         if typing.get_origin(tp) is Literal:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import small_config
 
-from longboi.cli import main, plan
+from longboi.cli import main, plan, scaling
 from longboi.config import preset
 from longboi.flops import model_stats
 from longboi.plan import accelerator, train_memory
@@ -143,11 +143,12 @@ def test_compute_multiplier_recovers_a_known_efficiency_gain():
     assert fit_power_law(flops, 3.0 * (flops / 1e11) ** -0.1).flops_for(3.0) == pytest.approx(1e11, rel=1e-3)
 
 
-def test_scaling_fit_reads_real_runs_and_plots(tmp_path, capsys):
+def write_runs(root, points) -> list[str]:
+    """Finished-run directories (config.yaml + metrics.jsonl) with these (FLOPs, validation loss)."""
     runs = []
-    for i, (flops, loss) in enumerate([(1e11, 3.4), (2e11, 3.2), (4e11, 3.0), (8e11, 2.85)]):
-        run = tmp_path / f"r{i}"
-        run.mkdir()
+    for i, (flops, loss) in enumerate(points):
+        run = root / f"r{i}"
+        run.mkdir(parents=True)
         (run / "config.yaml").write_text(
             "run_dir: x\nmodel: {d_model: 32, n_heads: 2, n_layers: 2, vocab_size: 384}\ntokenizer: t.json\n"
             "data: {sources: [d]}\nmax_duration: 10ba\nglobal_batch_size: 2\nresolved: {micro_batch_size: 2}\n"
@@ -158,6 +159,11 @@ def test_scaling_fit_reads_real_runs_and_plots(tmp_path, capsys):
         ]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         runs.append(str(run))
+    return runs
+
+
+def test_scaling_fit_reads_real_runs_and_plots(tmp_path, capsys):
+    runs = write_runs(tmp_path, [(1e11, 3.4), (2e11, 3.2), (4e11, 3.0), (8e11, 2.85)])
     assert read_run(runs[0]).flops == 1e11 and read_run(runs[0]).loss == 3.4
     png = tmp_path / "fit.png"
     assert main(["scaling", "fit", *runs, "--predict-flops", "3.2e12", "--png", str(png)]) == 0
@@ -169,6 +175,20 @@ def test_scaling_fit_reads_real_runs_and_plots(tmp_path, capsys):
     (tmp_path / "r0" / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 1, "tokens": 1}) + "\n")
     assert main(["scaling", "fit", *runs]) == 2
     assert "no validation records" in capsys.readouterr().err
+
+
+def test_scaling_compare_reads_two_ladders_by_glob_and_reports_the_multiplier(tmp_path, capsys):
+    flops = [1e11, 2e11, 4e11, 8e11, 1.6e12]
+    write_runs(tmp_path / "adamw", [(c, 3.0 * (c / 1e11) ** -0.1) for c in flops])
+    write_runs(tmp_path / "muon", [(c, 3.0 * (2 * c / 1e11) ** -0.1) for c in flops])  # every loss at half the compute
+    out = scaling("compare", [str(tmp_path / "muon" / "r*")], baseline=[str(tmp_path / "adamw" / "r*")])
+    assert out["multiplier"] == pytest.approx(2.0, rel=1e-3) and out["at_flops"] == 1.6e12
+    assert "a 2.00x compute multiplier" in capsys.readouterr().out
+    argv = ["scaling", "compare", str(tmp_path / "muon" / "r*")]
+    assert main([*argv, "--baseline", str(tmp_path / "adamw" / "r*"), "--at-flops", "4e11"]) == 0
+    assert main(argv) == 2 and "needs --baseline" in capsys.readouterr().err
+    assert main([*argv, "--baseline", str(tmp_path / "lion" / "r*")]) == 2
+    assert "matches no run directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
