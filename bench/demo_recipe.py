@@ -1,6 +1,6 @@
 """Choose the demo's model by measurement: held-out bits per byte after the same wall-clock budget.
 
-    python bench/demo_recipe.py [--budget 6min] [--only NAME,...] [--out bench/results/demo_recipe.json]
+    python bench/demo_recipe.py [--budget 6min] [--only NAME,...] [--out FILE]
                                 [--emulate-avx2]
 
 Each candidate (tokenizer vocabulary, width, depth, batch, lr) trains the demo recipe
@@ -128,9 +128,11 @@ def main() -> None:
     parser.add_argument("--budget", default="6min")
     parser.add_argument("--only", default=",".join(CANDIDATES))
     parser.add_argument("--work", default=str(ROOT / "runs" / "demo-recipe"))
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "demo_recipe.json"))
+    parser.add_argument("--out", default=None, help="default: bench/results/demo_recipe[_avx2_emulated].json")
     parser.add_argument("--emulate-avx2", action="store_true")
     args = parser.parse_args()
+    results_name = "demo_recipe_avx2_emulated.json" if args.emulate_avx2 else "demo_recipe.json"
+    args.out = args.out or str(ROOT / "bench" / "results" / results_name)  # emulated rows never join measured ones
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     capability, more = torch.backends.cpu.get_cpu_capability(), ()

@@ -52,6 +52,7 @@ SEEDS = [17, 18]  # every ladder point twice (init and data order): a fit of one
 OPTIMIZERS = ["adamw", "muon"]
 RESULTS = ROOT / "bench" / "results"
 PREDICTION = RESULTS / "scaling_prediction.json"
+TRAIN_TOKENS = 2_128_629  # runs/scaling/data/train, as `prepare` reports it
 
 
 def prepare(work: Path, texts: list[str]) -> None:
@@ -162,9 +163,8 @@ def ladder(reuse: bool) -> None:
         f"(90%: {low:.2f}-{high:.2f})"
     )
     out["multiplier"] = {"at_flops": at, "ratio": ratio, "low": low, "high": high}
-    out["commit"] = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    describe = ["git", "describe", "--always", "--dirty"]  # "-dirty": made from uncommitted code
+    out["commit"] = subprocess.run(describe, capture_output=True, text=True, cwd=ROOT).stdout.strip()
     PREDICTION.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {PREDICTION}: commit it before `python bench/scaling.py heldout`")
 
@@ -181,6 +181,8 @@ def heldout(reuse: bool) -> None:
     if not committed(PREDICTION):
         raise SystemExit(f"{PREDICTION} is not committed as it is: run `ladder` and commit its prediction first")
     predicted = json.loads(PREDICTION.read_text())
+    if reuse:
+        refuse_runs_older_than_the_prediction()
     out = predicted | {"env_heldout": env(), "heldout": {}}
     for opt in OPTIMIZERS:
         runs, seconds = ladder_points(opt, HELDOUT, reuse)
@@ -198,8 +200,42 @@ def heldout(reuse: bool) -> None:
                 "inside_interval": inside,
             }
     out["heldout_multiplier"] = heldout_multiplier(out["heldout"])
+    out["diagnostics"] = diagnostics(out)
     (RESULTS / "scaling.json").write_text(json.dumps(out, indent=2) + "\n")
     plot(out, RESULTS / "scaling.png")
+
+
+def refuse_runs_older_than_the_prediction() -> None:
+    """--reuse may keep held-out runs only if they were trained after the prediction was committed."""
+    log = ["git", "log", "-1", "--format=%ct", "--", str(PREDICTION)]
+    committed_at = int(subprocess.run(log, capture_output=True, text=True, cwd=ROOT, check=True).stdout)
+    for opt in OPTIMIZERS:
+        for name in HELDOUT:
+            final = WORK / opt / name / "final"
+            if final.is_dir() and final.stat().st_mtime < committed_at:
+                raise SystemExit(f"{final} was trained before the prediction was committed: delete it, or drop --reuse")
+
+
+def diagnostics(result: dict) -> dict:
+    """Not the judged procedure, recorded beside it: what a floored fit would have predicted (computed after the
+    answers), and each run's final train/validation gap (the data repeats more the further out a run is)."""
+    floored, gaps = {}, {}
+    for opt, lad in result["ladders"].items():
+        runs = lad["runs"]
+        fit = fit_power_law(np.array([r["flops"] for r in runs]), np.array([r["loss"] for r in runs]), floor=True)
+        floored[opt] = {"c": fit.c, "b": fit.b}
+        for name, run in result["heldout"][opt].items():
+            guess = float(fit(run["flops"]))
+            floored[opt][name] = {"prediction": guess, "error_pct": 100 * (guess / run["loss"] - 1)}
+        for name in ["s5", *HELDOUT]:
+            train = [r for r in read_metrics(WORK / opt / name) if r["kind"] == "train"][-10:]
+            train_loss = sum(r["loss"] for r in train) / len(train)
+            gaps.setdefault(opt, {})[name] = {
+                "train_loss_last_10_logs": train_loss,
+                "val_minus_train": read_run(WORK / opt / name).loss - train_loss,
+                "epochs": train[-1]["tokens"] / TRAIN_TOKENS,
+            }
+    return {"post_hoc_floored_fit": floored, "train_val_gap": gaps}
 
 
 def heldout_multiplier(runs: dict) -> dict:

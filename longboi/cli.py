@@ -249,7 +249,7 @@ def _compare_ladders(points: list, baseline: list, at_flops: float | None, floor
 
     if not baseline:
         raise UserError("scaling compare needs --baseline RUN_DIR (or a quoted glob), once per baseline run")
-    at = at_flops or max(p.flops for p in baseline)
+    at = at_flops if at_flops is not None else max(p.flops for p in baseline)
     if at <= 0:
         raise UserError(f"--at-flops must be positive, got {at:g}")
     print("baseline:")

@@ -45,6 +45,17 @@ def test_newton_schulz_computes_in_the_runs_precision():
     assert (newton_schulz(g) - newton_schulz(g, torch.bfloat16).float()).abs().max() > 1e-4  # not the same sums
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_runs_precision_reaches_newton_schulz(tmp_path, data, precision, dtype):
+    from longboi.train.config import config_from_dict
+    from longboi.train.loop import setup
+
+    knobs = {"max_duration": "1ba", "precision": precision, **MUON}
+    run = setup(config_from_dict(run_config(data, tmp_path / precision, **knobs), "x"))
+    run.metrics.close()
+    assert run.optimizer.ns_dtype == dtype
+
+
 def test_newton_schulz_orthogonalizes_and_the_update_matches_adamws_rms():
     torch.manual_seed(0)
     g = torch.randn(96, 32)

@@ -2,6 +2,7 @@
 against a real training step's peak RSS, Chinchilla's table, and fits of known laws."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ from conftest import small_config
 
 from longboi.cli import main, plan, scaling
 from longboi.config import preset
+from longboi.errors import UserError
 from longboi.flops import model_stats
 from longboi.plan import accelerator, train_memory
 from longboi.scaling import FITS, RunPoint, compute_multiplier, fit_power_law, read_run
@@ -141,6 +143,10 @@ def test_compute_multiplier_recovers_a_known_efficiency_gain():
     same, low, high = compute_multiplier(adamw, adamw, at_flops=flops[-1])
     assert same == pytest.approx(1.0) and low < 1.0 < high
     assert fit_power_law(flops, 3.0 * (flops / 1e11) ** -0.1).flops_for(3.0) == pytest.approx(1e11, rel=1e-3)
+    flat = fit_power_law(flops, np.full(len(flops), 3.0))  # a ladder that does not learn: b at its bound
+    assert flat.b < 1e-3 and flat.flops_for(2.5) == math.inf and flat.flops_for(3.5) == 0.0  # no OverflowError
+    with pytest.raises(UserError, match="2 or more different compute budgets; got 3 run"):
+        fit_power_law(np.full(3, 1e11), np.array([3.0, 3.1, 2.9]))  # three seeds of one config
 
 
 def write_runs(root, points) -> list[str]:
@@ -186,6 +192,13 @@ def test_scaling_compare_reads_two_ladders_by_glob_and_reports_the_multiplier(tm
     assert "a 2.00x compute multiplier" in capsys.readouterr().out
     argv = ["scaling", "compare", str(tmp_path / "muon" / "r*")]
     assert main([*argv, "--baseline", str(tmp_path / "adamw" / "r*"), "--at-flops", "4e11"]) == 0
+    assert "(its fit at 4e+11 FLOPs)" in capsys.readouterr().out
+    assert main([*argv, "--baseline", str(tmp_path / "adamw" / "r*"), "--at-flops", "0"]) == 2
+    assert "--at-flops must be positive" in capsys.readouterr().err
+    assert (
+        main([*argv, "--baseline", str(tmp_path / "adamw" / "r0"), "--baseline", str(tmp_path / "adamw" / "r1")]) == 2
+    )
+    assert "3 or more runs in each" in capsys.readouterr().err
     assert main(argv) == 2 and "needs --baseline" in capsys.readouterr().err
     assert main([*argv, "--baseline", str(tmp_path / "lion" / "r*")]) == 2
     assert "matches no run directory" in capsys.readouterr().err
