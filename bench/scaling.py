@@ -30,12 +30,12 @@ from longboi.flops import model_stats
 from longboi.hardware import cpu_capability, cpu_model
 from longboi.runs import read_metrics
 from longboi.scaling import (
-    Prediction,
     RunPoint,
-    bootstrap,
+    arrays_of,
     compute_multiplier,
     fit_power_law,
     fit_runs,
+    predict,
     pyplot,
     read_run,
     save_loglog,
@@ -96,8 +96,8 @@ def env() -> dict:
     return {"cpu": cpu_model(), "cpu_capability": cpu_capability(), "threads": os.cpu_count()}
 
 
-def point(run: Path, seconds: float) -> dict:
-    return vars(read_run(run)) | {"seconds": round(seconds, 1)}
+def point(run: RunPoint, seconds: float) -> dict:
+    return vars(run) | {"seconds": round(seconds, 1)}
 
 
 def dev(reuse: bool) -> None:
@@ -107,7 +107,7 @@ def dev(reuse: bool) -> None:
     names = ["r1", "r2", "r3", "r4", "r5", "heldout"]
     seconds = {n: train(configs / f"{n}.yaml", work / n, None, reuse) for n in names}
     points = [read_run(work / n) for n in names]
-    flops, loss = np.array([p.flops for p in points]), np.array([p.loss for p in points])
+    flops, loss = arrays_of(points)
     backtest = []
     for floor in (False, True):
         for k in (3, 4, 5):
@@ -116,7 +116,7 @@ def dev(reuse: bool) -> None:
             backtest.append({"floor": floor, "fitted_runs": names[:k], "b": fit.b, "c": fit.c, "error_pct": errors})
             shown = "  ".join(f"{n} {e:+.2f}%" for n, e in errors.items())
             print(f"{'floor' if floor else 'no floor':8} fit r1-r{k}: b={fit.b:.3f} c={fit.c:.3f}   {shown}")
-    result = {"env": env(), "runs": [point(work / n, seconds[n]) for n in names], "backtest": backtest}
+    result = {"env": env(), "runs": [point(p, seconds[p.name]) for p in points], "backtest": backtest}
     (RESULTS / "scaling_dev.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
@@ -143,14 +143,10 @@ def ladder(reuse: bool) -> None:
     for opt in OPTIMIZERS:
         points[opt], seconds = ladder_points(opt, LADDER, reuse, SEEDS)
         print(f"\n{opt}:")
-        fit, p4 = fit_runs(points[opt], targets["p4"])
-        low, high = bootstrap(
-            np.array([p.flops for p in points[opt]]), np.array([p.loss for p in points[opt]]), targets["p16"]
-        )
-        preds = {"p4": p4, "p16": Prediction(targets["p16"], float(fit(targets["p16"])), low, high)}
-        print(f"prediction at {targets['p16']:.3g} FLOPs (p16): {preds['p16'].loss:.4f} (90%: {low:.4f}-{high:.4f})")
+        fit, _ = fit_runs(points[opt])
+        preds = {n: predict(points[opt], fit, c) for n, c in targets.items()}
         out["ladders"][opt] = {
-            "runs": [vars(p) | {"seconds": round(seconds[p.name], 1)} for p in points[opt]],
+            "runs": [point(p, seconds[p.name]) for p in points[opt]],
             "fit": {"a": fit.a, "b": fit.b, "c": fit.c, "scale": fit.scale},
             "predictions": {
                 n: {"flops": p.flops, "loss": p.loss, "low": p.low, "high": p.high} for n, p in preds.items()
@@ -194,8 +190,7 @@ def heldout(reuse: bool) -> None:
                 f"{opt} {run.name}: loss {run.loss:.4f}, predicted {pred['loss']:.4f} ({error:+.2f}%), "
                 f"{'inside' if inside else 'outside'} the 90% interval {pred['low']:.4f}-{pred['high']:.4f}"
             )
-            out["heldout"].setdefault(opt, {})[run.name] = vars(run) | {
-                "seconds": round(seconds[run.name], 1),
+            out["heldout"].setdefault(opt, {})[run.name] = point(run, seconds[run.name]) | {
                 "error_pct": error,
                 "inside_interval": inside,
             }

@@ -159,23 +159,20 @@ def compute_multiplier(ref: list, new: list, at_flops: float, floor: bool = Fals
     """How many times less compute the `new` ladder needs for the loss `ref`'s fit reaches at `at_flops`
     (C_ref / C_new at that loss): (ratio, 5th, 95th percentile), both ladders residual-resampled."""
 
-    def arrays(points):
-        return np.array([p.flops for p in points]), np.array([p.loss for p in points])
-
     def ratio(fit_ref: PowerFit, fit_new: PowerFit) -> float:
         needed = fit_new.flops_for(float(fit_ref(at_flops)))
         return at_flops / needed if needed > 0 else math.inf
 
     if min(len(ref), len(new)) < 3:
         raise UserError(f"comparing ladders needs 3 or more runs in each (got {len(new)} and {len(ref)} baseline)")
-    fit_ref, fit_new = fit_power_law(*arrays(ref), floor), fit_power_law(*arrays(new), floor)
+    fit_ref, fit_new = fit_power_law(*arrays_of(ref), floor), fit_power_law(*arrays_of(new), floor)
     best = ratio(fit_ref, fit_new)
     if not 0 < best < math.inf:
         raise UserError(
             f"the compared ladder's fit never reaches the baseline's loss {float(fit_ref(at_flops)):.4f} "
             f"(its floor is {fit_new.c:.4f}): no compute multiplier"
         )
-    pairs = zip(resampled_fits(*arrays(ref), samples, 0, floor), resampled_fits(*arrays(new), samples, 1, floor))
+    pairs = zip(resampled_fits(*arrays_of(ref), samples, 0, floor), resampled_fits(*arrays_of(new), samples, 1, floor))
     ratios = [ratio(a, b) for a, b in pairs]
     return best, float(np.percentile(ratios, 5)), float(np.percentile(ratios, 95))
 
@@ -226,12 +223,16 @@ class Prediction:
     high: float  # 95th percentile
 
 
+def arrays_of(points: list[RunPoint]) -> tuple[np.ndarray, np.ndarray]:
+    """(training FLOPs, validation loss) of the runs, as arrays."""
+    return np.array([p.flops for p in points]), np.array([p.loss for p in points])
+
+
 def fit_runs(
     points: list[RunPoint], predict_flops: float | None = None, floor: bool = False
 ) -> tuple[PowerFit, Prediction | None]:
     """Fit L(C) to the runs and print each run's residual; predict at `predict_flops` with a 90% interval."""
-    flops, loss = np.array([p.flops for p in points]), np.array([p.loss for p in points])
-    fit = fit_power_law(flops, loss, floor)
+    fit = fit_power_law(*arrays_of(points), floor)
     print(f"{'run':24} {'params':>9} {'tokens':>9} {'FLOPs':>9} {'val loss':>9} {'fit':>7} {'resid':>7}")
     for p in sorted(points, key=lambda p: p.flops):
         fitted = float(fit(p.flops))
@@ -240,14 +241,17 @@ def fit_runs(
             f"{100 * (p.loss / fitted - 1):+6.2f}%"
         )
     print(f"fit: L(C) = {fit.a:.4g} * (C / {fit.scale:.3g})^-{fit.b:.4f} + {fit.c:.4f}   (C in FLOPs)")
-    if predict_flops is None:
-        return fit, None
-    low, high = bootstrap(flops, loss, predict_flops, floor=floor)
-    pred = Prediction(predict_flops, float(fit(predict_flops)), low, high)
-    ratio = predict_flops / flops.max()
+    return fit, None if predict_flops is None else predict(points, fit, predict_flops, floor)
+
+
+def predict(points: list[RunPoint], fit: PowerFit, flops: float, floor: bool = False) -> Prediction:
+    """The fit's loss at `flops` with its 90% residual-bootstrap interval, printed."""
+    low, high = bootstrap(*arrays_of(points), flops, floor=floor)
+    pred = Prediction(flops, float(fit(flops)), low, high)
+    ratio = flops / max(p.flops for p in points)
     interval = f"90%: {low:.4f}-{high:.4f}"
-    print(f"prediction at {predict_flops:.3g} FLOPs ({ratio:.1f}x the largest run): {pred.loss:.4f} ({interval})")
-    return fit, pred
+    print(f"prediction at {flops:.3g} FLOPs ({ratio:.1f}x the largest run): {pred.loss:.4f} ({interval})")
+    return pred
 
 
 def plot_fit(points: list[RunPoint], fit: PowerFit, pred: Prediction | None, path: str | Path) -> Path:
