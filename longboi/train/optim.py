@@ -6,7 +6,9 @@ import math
 
 import torch
 
+from longboi.checkpoint import unwrap
 from longboi.errors import UserError
+from longboi.lora import is_lora
 from longboi.train.config import OptimizerConfig, ScheduleConfig
 from longboi.train.muon import MuonAdamW, is_muon_param
 
@@ -70,7 +72,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, bf16: bool = F
     if cfg.name == "lion":
         return Lion(groups, lr=cfg.lr, betas=betas)
     if cfg.name == "muon":
-        if any("lora_" in name for name, p in model.named_parameters() if p.requires_grad):
+        if is_lora(unwrap(model)):
             raise UserError(
                 "optimizer muon with lora: not supported (LoRA trains thin rank-r factors, which Muon's "
                 "orthogonalization of whole matrices does not fit); use adamw or lion for LoRA runs"
