@@ -59,6 +59,14 @@ class Server:
         return self.proc.returncode, out
 
 
+def serving(ckpt: Path, *args: str):
+    """A module fixture's server (`yield from serving(...)`): started, yielded, then required to stop cleanly."""
+    s = Server(ckpt, *args)
+    yield s
+    code, out = s.stop()
+    assert code == 0, out
+
+
 @pytest.fixture(scope="module")
 def server(ckpt):
     # fp32 pinned: tests compare with fp32 references (on an AVX512-BF16 CPU `auto` would be bf16)
@@ -359,10 +367,7 @@ def _stream_lines(server, body, key=KEY):
 @pytest.fixture(scope="module")
 def narrow(ckpt):
     """One row, one waiting request: what happens when the server is full."""
-    s = Server(ckpt, "--max-batch", "1", "--max-queue", "1", "--max-model-len", "4096")
-    yield s
-    code, out = s.stop()
-    assert code == 0, out
+    yield from serving(ckpt, "--max-batch", "1", "--max-queue", "1", "--max-model-len", "4096")
 
 
 def test_queue_full_is_429_with_retry_after_and_disconnect_frees_the_slot(narrow):

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 from conftest import build, small_config
-from test_serve import KEY, Server, post
+from test_serve import KEY, Server, post, serving
 
 from longboi.checkpoint import save_checkpoint
 from longboi.config import preset
@@ -26,10 +26,7 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    s = Server(ckpt, "--api-key", KEY, "--max-batch", "64", "--max-model-len", "1024", "--dtype", "fp32")
-    yield s
-    code, out = s.stop()
-    assert code == 0, out
+    yield from serving(ckpt, "--api-key", KEY, "--max-batch", "64", "--max-model-len", "1024", "--dtype", "fp32")
 
 
 def deep(n: int) -> str:

@@ -8,7 +8,7 @@ import json
 import jsonschema
 import openai
 import pytest
-from test_serve import KEY, Server
+from test_serve import KEY, serving
 
 from longboi.errors import UserError
 from longboi.serve.structured import Grammars
@@ -81,10 +81,7 @@ SCHEMAS = [
 
 @pytest.fixture(scope="module")
 def server(ckpt):
-    s = Server(ckpt, "--api-key", KEY, "--max-batch", "32", "--dtype", "fp32", "--max-model-len", "512")
-    yield s
-    code, out = s.stop()
-    assert code == 0, out
+    yield from serving(ckpt, "--api-key", KEY, "--max-batch", "32", "--dtype", "fp32", "--max-model-len", "512")
 
 
 @pytest.fixture(scope="module")
