@@ -354,26 +354,30 @@ def convert(
     src: str,
     dst: str,
     *,
-    to: Literal["hf", "longboi", "gguf", "onnx"],
+    to: Literal["hf", "vllm", "longboi", "gguf", "onnx"],
     outtype: Literal["f32", "f16", "bf16", "q8_0"] = "f32",
     allow_pickle: bool = False,
 ) -> Path:
     """Convert a checkpoint between longboi and Hugging Face transformers' MPT, or export it for a runtime.
 
     Args:
-        src: source directory (longboi checkpoint, or an HF MPT directory saved by transformers); for gguf
+        src: source directory (longboi checkpoint, or an HF MPT directory saved by transformers); for vllm, gguf
             and onnx also a run directory (its final weights) or a LoRA adapter directory (merged onto its base).
-        to: "hf" (loads with MptForCausalLM.from_pretrained), "longboi", "gguf" (llama.cpp's mpt) or
-            "onnx" (onnxruntime: a decoder with KV cache in Optimum's naming).
+        to: "hf" (loads with MptForCausalLM.from_pretrained), "vllm" (any config: `vllm serve DIR` with
+            longboi's vLLM plugin), "longboi", "gguf" (llama.cpp's mpt) or "onnx" (onnxruntime: a decoder
+            with KV cache in Optimum's naming).
         dst: directory to write (for gguf: the .gguf file).
         outtype: gguf weight type: f32, f16, bf16 or q8_0 (norms stay f32). ONNX is written in f32.
         allow_pickle: allow reading .bin/.pt weights from src (pickle can run code: trusted files only).
     """
-    from longboi.export.hf import export_hf, import_checkpoint
+    from longboi.export.hf import export_hf, export_vllm, import_checkpoint
 
     if to in ("gguf", "onnx"):
         return _export_for_runtime(src, dst, to, outtype)
-    path = (export_hf if to == "hf" else import_checkpoint)(src, dst, allow_pickle=allow_pickle)
+    if to == "vllm":
+        path = export_vllm(src, dst)
+    else:
+        path = (export_hf if to == "hf" else import_checkpoint)(src, dst, allow_pickle=allow_pickle)
     print(f"wrote {path}", file=sys.stderr)
     return path
 

@@ -258,24 +258,6 @@ _UNSUPPORTED_MPT = [
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-def vllm_unsupported(cfg: ModelConfig) -> list[str]:
-    """Why vLLM's MPTForCausalLM would refuse or miscompute an HF export of `cfg` (beyond hf_unsupported).
-
-    Read from vllm/model_executor/models/mpt.py: it asserts ALiBi on, no prefix LM, embedding_fraction
-    1, norm_type low_precision_layernorm and tied embeddings, and scales attention by 1/sqrt(head_dim).
-    """
-    problems = []
-    if cfg.norm_type != "low_precision_layernorm":
-        problems.append(f"norm_type={cfg.norm_type} (vLLM asserts low_precision_layernorm)")
-    if not cfg.tie_word_embeddings:
-        problems.append("tie_word_embeddings=false (vLLM's MPT uses the embedding as the LM head)")
-    if cfg.embedding_fraction != 1.0:
-        problems.append(f"embedding_fraction={cfg.embedding_fraction} (vLLM asserts 1.0)")
-    if cfg.softmax_scale is not None and abs(cfg.softmax_scale * math.sqrt(cfg.d_model // cfg.n_heads) - 1) > 1e-6:
-        problems.append(f"softmax_scale={cfg.softmax_scale} (vLLM always scales by 1/sqrt(head_dim))")
-    return problems
-
-
 def hf_unsupported(cfg: ModelConfig) -> list[str]:
     """The features of `cfg` that transformers' native MptForCausalLM would silently compute differently."""
     problems = []
@@ -306,6 +288,8 @@ def to_mpt_dict(c: ModelConfig) -> dict[str, Any]:
     """The config in MPT's nested `config.json` layout (attn_config / init_config sub-dicts)."""
     flat = dataclasses.asdict(c)
     attn = {k: flat.pop(k) for k in _ATTN_KEYS}
+    if attn["kv_n_heads"] is None:  # a null would be read as a head count (vLLM 0.27 indexes it): leave it out
+        del attn["kv_n_heads"]
     attn["attn_impl"] = {"sdpa": "torch", "eager": "torch", "flash": "flash"}[attn["attn_impl"]]
     init = {"name": _INIT_NAMES[flat.pop("init_scheme")], "fan_mode": "fan_in", "init_nonlinearity": "relu"}
     for ours, theirs in _INIT_KEYS.items():

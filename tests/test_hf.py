@@ -194,26 +194,3 @@ def test_a_run_starts_from_a_directory_transformers_saved(tmp_path):
     model, _ = _start_model(run, Tokenizer(TOKENIZER), Dist(), bf16=False)
     started, saved = model.state_dict(), source.state_dict()
     assert started.keys() == saved.keys() and all(torch.equal(started[k], saved[k]) for k in saved)
-
-
-@pytest.mark.parametrize(
-    ("changes", "reason"),
-    [
-        ({}, None),
-        ({"norm_type": "layernorm"}, "norm_type=layernorm (vLLM asserts low_precision_layernorm)"),
-        ({"tie_word_embeddings": False}, "tie_word_embeddings=false"),
-        ({"embedding_fraction": 0.5}, "embedding_fraction=0.5 (vLLM asserts 1.0)"),
-        ({"softmax_scale": 0.5}, "softmax_scale=0.5 (vLLM always scales by 1/sqrt(head_dim))"),
-        ({"softmax_scale": 0.25}, None),  # 1/sqrt(16): the same as the default
-    ],
-)
-def test_convert_to_hf_says_whether_vllm_will_load_it(tmp_path, capsys, changes, reason):
-    """vLLM's MPTForCausalLM asserts a few config values (vllm/model_executor/models/mpt.py); the export
-    says so statically, without vLLM installed."""
-    save_checkpoint(build(small_config(**changes)), tmp_path / "ck", None)
-    assert main(["convert", str(tmp_path / "ck"), "--to", "hf", str(tmp_path / "hf")]) == 0
-    err = capsys.readouterr().err
-    if reason is None:
-        assert "vLLM: loads as MPTForCausalLM (vllm serve DIR); it serves up to max_seq_len 64 tokens" in err
-    else:
-        assert "note: vLLM's MPTForCausalLM will not load this: " in err and reason in err, err

@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from longboi.checkpoint import load_model, load_tokenizer, save_checkpoint
-from longboi.config import ModelConfig, hf_unsupported, vllm_unsupported
+from longboi.config import ModelConfig, hf_unsupported
 from longboi.errors import UserError
+from longboi.export.vllm import check_vllm_servable, vllm_verdict
 
 
 def check_hf_representable(cfg: ModelConfig) -> None:
@@ -33,25 +34,33 @@ def check_hf_representable(cfg: ModelConfig) -> None:
 def export_hf(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
     """Write a directory `transformers.MptForCausalLM.from_pretrained(dst)` loads with identical logits."""
     model = load_model(src, allow_pickle=allow_pickle)
-    cfg = model.config
-    if cfg.attn_pdrop or cfg.resid_pdrop or cfg.emb_pdrop:
-        print("note: dropout is training-only; the HF export sets attn/resid/emb_pdrop to 0", file=sys.stderr)
-        cfg = cfg.replace(attn_pdrop=0.0, resid_pdrop=0.0, emb_pdrop=0.0)
+    cfg = inference_config(model.config)
     check_hf_representable(cfg)
     path = save_checkpoint(model, dst, load_tokenizer(src), config=cfg)
     print(vllm_verdict(cfg), file=sys.stderr)
     return path
 
 
-def vllm_verdict(cfg: ModelConfig) -> str:
-    """One line: whether `vllm serve DIR` will load the export, and why not (checked statically)."""
-    problems = vllm_unsupported(cfg)
-    if problems:
-        return f"note: vLLM's MPTForCausalLM will not load this: {'; '.join(problems)}"
-    return (
-        f"vLLM: loads as MPTForCausalLM (vllm serve DIR); it serves up to max_seq_len {cfg.max_seq_len} "
-        "tokens unless given --max-model-len with VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 (ALiBi runs past it)"
-    )
+def export_vllm(src: str | Path, dst: str | Path) -> Path:
+    """Write a directory `vllm serve` loads with longboi's plugin: any config, from a checkpoint, a run
+    directory (its final weights) or a LoRA adapter (merged onto its base). The directory is a longboi
+    checkpoint (model_type `mpt` where transformers' MptConfig represents it, else `longboi_mpt`)."""
+    from longboi.inference import load_for_inference
+
+    model, tok = load_for_inference(src, "fp32", device="cpu")
+    cfg = inference_config(model.config)
+    check_vllm_servable(cfg)
+    path = save_checkpoint(model, dst, tok, config=cfg)
+    print(vllm_verdict(cfg), file=sys.stderr)
+    return path
+
+
+def inference_config(cfg: ModelConfig) -> ModelConfig:
+    """The config an export writes: dropout is training-only, so it is written as 0 (and said so)."""
+    if cfg.attn_pdrop or cfg.resid_pdrop or cfg.emb_pdrop:
+        print("note: dropout is training-only; the export sets attn/resid/emb_pdrop to 0", file=sys.stderr)
+        cfg = cfg.replace(attn_pdrop=0.0, resid_pdrop=0.0, emb_pdrop=0.0)
+    return cfg
 
 
 def import_checkpoint(src: str | Path, dst: str | Path, allow_pickle: bool = False) -> Path:
