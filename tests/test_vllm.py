@@ -138,7 +138,8 @@ def prompts(tok_path: Path) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def offline(vllm_python, exported, adapter, tok_path, tmp_path_factory) -> dict:
-    """One run of tests/vllm_worker.py: an engine per model (the alibi one with LoRA on), every prompt."""
+    """One run of tests/vllm_worker.py: an engine per model (the alibi one with LoRA on, the learned-gqa one on
+    2 tensor-parallel ranks of one core each), every prompt."""
     work = tmp_path_factory.mktemp("vllm-offline")
     jobs = []
     for name, path in exported.items():
@@ -151,6 +152,8 @@ def offline(vllm_python, exported, adapter, tok_path, tmp_path_factory) -> dict:
         }
         if name == "alibi":
             job["lora"] = {"name": "lora", "path": str(adapter[0]), "rank": 8}
+        if name == "learned-gqa":  # 2 tensor-parallel ranks: the fused QKV split per rank, qk_ln gathered
+            job["tensor_parallel"] = 2
         jobs.append(job)
     (work / "jobs.json").write_text(json.dumps(jobs))
     env = {**vllm_env.env(), "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}  # ALiBi serves past the trained length

@@ -3,13 +3,15 @@
     python vllm_worker.py JOBS.json OUT.json
 
 JOBS.json: a list of {"model", "prompts" (token id lists), "max_tokens", "max_model_len", "lora" (optional:
-{"name", "path", "rank"}: every prompt runs on the base and again through that adapter)}. OUT.json: per job,
+{"name", "path", "rank"}: every prompt runs on the base and again through that adapter), "tensor_parallel"
+(optional: ranks, one core each)}. OUT.json: per job,
 per prompt, the greedy token ids and the log-probability of each prompt token after the first. One engine
 per model, fp32, eager (the server test runs vLLM's default compiled path).
 """
 
 import gc
 import json
+import os
 import sys
 
 
@@ -17,7 +19,9 @@ def run(job: dict) -> dict:
     from vllm import LLM, SamplingParams, TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    lora = job.get("lora")
+    lora, ranks = job.get("lora"), job.get("tensor_parallel", 1)
+    # one core per rank (vLLM's CPU binding syntax): the engine processes read it when they start
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(core) for core in range(ranks)) if ranks > 1 else "auto"
     llm = LLM(
         model=job["model"],
         dtype="float32",
@@ -29,6 +33,7 @@ def run(job: dict) -> dict:
         max_loras=1,
         enable_prefix_caching=False,  # prompt log-probs of every position, computed here
         kv_cache_memory_bytes=256 << 20,  # by default vLLM-CPU takes (and zeroes) most of the machine's memory
+        tensor_parallel_size=ranks,
     )
     params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], prompt_logprobs=0, ignore_eos=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
