@@ -288,9 +288,11 @@ def test_wall_clock_budget_schedules_by_time_and_ends_inside_the_budget(tmp_path
 def test_explicit_bf16_runs_on_any_cpu_and_auto_takes_the_native_choice(tmp_path, data, capsys):
     """Both branches for real on this machine: `bf16` as asked (slowly, with a warning, where the CPU
     emulates it), and `auto` resolved to what this CPU computes natively, recorded in the run config."""
+    from longboi import hardware
     from longboi.hardware import native_bf16, resolve_precision
 
     auto = resolve_precision("auto", torch.device("cpu"), quiet=True).precision  # the machine's, or --auto-precision
+    hardware._ANNOUNCED.clear()  # the choice (and the emulation warning) prints once per process: maybe already
     for precision in ("bf16", "auto"):
         cfg = run_config(data, tmp_path / precision, precision=precision, max_duration="2ba", **{"eval.every": "0ba"})
         assert train(config_from_dict(cfg, "x")).steps == 2
