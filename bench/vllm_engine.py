@@ -10,6 +10,7 @@ ids only too), no prefix caching (every repeat prefills for real).
 """
 
 import json
+import os
 import sys
 import time
 
@@ -24,6 +25,9 @@ def timed(llm, prompts: list, tokens: int) -> float:
 
 
 def main() -> None:
+    # Answers go to the real stdout; vLLM's logs (its engine processes inherit fd 1 too) go to stderr.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
     from vllm import LLM, TokensPrompt
 
     model, max_len, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -35,14 +39,14 @@ def main() -> None:
         enable_prefix_caching=False,
         kv_cache_memory_bytes=2 << 30,
     )
-    print("ready", flush=True)
+    print("ready", file=answers, flush=True)
     for line in sys.stdin:
         request = json.loads(line)
         prompts = [TokensPrompt(prompt_token_ids=row) for row in request["ids"]]
 
         prefill = timed(llm, prompts, 1)
         full = timed(llm, prompts, 1 + request["new"])
-        print(json.dumps({"prefill_s": prefill, "decode_s": max(full - prefill, 1e-9)}), flush=True)
+        print(json.dumps({"prefill_s": prefill, "decode_s": max(full - prefill, 1e-9)}), file=answers, flush=True)
 
 
 if __name__ == "__main__":  # vLLM's engine core starts by spawn: the guard is required
