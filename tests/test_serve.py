@@ -138,6 +138,27 @@ def test_logprobs_and_echo(client):
     assert scored.choices[0].text == "Hello there" and scored.usage.completion_tokens == 0
 
 
+def test_scoring_a_prompt_that_fills_max_model_len_is_served(server, client, ckpt):
+    """lm-eval's loglikelihood of a context that fills the window: max_tokens 0, echo, logprobs, exactly
+    max_model_len (1024) ids. No new position is needed, so it is scored; one id more is a 400 that names the
+    prompt, for the whole request (its other prompt is never computed), and the server goes on."""
+    from longboi.checkpoint import load_model
+
+    ids = torch.randint(0, 50000, (1024,), generator=torch.Generator().manual_seed(3)).tolist()
+    r = client.completions.create(model="tiny-alibi", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    got = r.choices[0].logprobs.token_logprobs
+    assert len(got) == 1024 and got[0] is None and r.usage.completion_tokens == 0
+    model = load_model(ckpt).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids])).float(), dim=-1)[0, :-1]
+    want = logp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+    assert (torch.tensor(got[1:]) - want).abs().max().item() < 1e-3
+    body = {"model": "tiny-alibi", "prompt": [ids[:10], ids + [5]], "max_tokens": 0, "echo": True, "logprobs": 0}
+    over = post(server, "/v1/completions", body)
+    assert over.status_code == 400 and "1025 tokens, over the server's max_model_len 1024" in over.text, over.text
+    assert client.completions.create(model="tiny-alibi", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
 def test_chat_and_streaming_chunks(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
     r = client.chat.completions.create(

@@ -663,6 +663,9 @@ class Pending:
         except QueueFull as e:
             self.cancel()
             raise APIError(429, f"server busy: {e}; retry shortly", "rate_limit_error", code="queue_full") from e
+        except ValueError as e:  # the request's checks should have caught it: still its own 400, siblings cancelled
+            self.cancel()
+            raise APIError(400, f"prompt: {e}", param="prompt") from e
 
     async def events(self) -> AsyncIterator[tuple[int, Event]]:
         """(job index, event) until every job is done (a job's final event adds to the usage and is not

@@ -213,7 +213,9 @@ class Engine:
         """Queue a job, or raise QueueFull when `max_queue` jobs already wait."""
         if not job.prompt or job.n < 1 or job.n > self.max_batch:
             raise ValueError(f"a job needs at least one prompt token and 1 to {self.max_batch} choices")
-        if len(job.prompt) >= self.max_model_len:
+        # a prompt may fill the window when nothing is generated (scoring needs no new position)
+        room = 0 if job.params.max_new_tokens == 0 else 1
+        if len(job.prompt) + room > self.max_model_len:
             raise ValueError(f"a prompt of {len(job.prompt)} tokens leaves no room under max_model_len")
         with self.wake:
             if len(self.waiting) + len(self.scheduler.waiting) >= self.max_queue:
