@@ -135,3 +135,29 @@ def test_replace_validates():
     with pytest.raises(UserError):
         cfg.replace(n_heads=7)
     assert dataclasses.asdict(cfg) == dataclasses.asdict(cfg.replace())
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "wanted"),
+    [
+        ("optimizer", "lr", -1, "optimizer.lr: -1.0 must be > 0"),
+        ("optimizer", "lr", 0, "optimizer.lr: 0.0 must be > 0"),
+        ("optimizer", "betas", [0.9, 1.0], "optimizer.betas: [0.9, 1.0] must be two numbers in [0, 1)"),
+        ("optimizer", "betas", [0.9], "optimizer.betas: [0.9] must be two numbers in [0, 1)"),
+        ("optimizer", "eps", 0, "optimizer.eps: 0.0 must be > 0"),
+        ("optimizer", "weight_decay", -0.1, "optimizer.weight_decay: -0.1 must be >= 0"),
+        ("optimizer", "momentum", 1.0, "optimizer.momentum: 1.0 must be in [0, 1)"),
+        ("schedule", "min_lr_ratio", 1.5, "schedule.min_lr_ratio: 1.5 must be in [0, 1]"),
+    ],
+)
+def test_every_optimizer_and_schedule_number_is_checked_on_load_naming_the_key(section, key, value, wanted):
+    from longboi.train.config import config_from_dict
+
+    cfg = {"run_dir": "r", "model": "tiny", "tokenizer": "t", "max_duration": "1ba", "global_batch_size": 1}
+    cfg |= {
+        "data": {"sources": ["d"]},
+        section: {"name": "muon", key: value} if section == "optimizer" else {key: value},
+    }
+    with pytest.raises(UserError) as e:
+        config_from_dict(cfg, "run.yaml")
+    assert str(e.value) == f"run.yaml: {wanted}"

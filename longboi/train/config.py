@@ -167,9 +167,26 @@ def config_from_dict(data: dict[str, Any], where: str) -> TrainConfig:
     if (cfg.data is None) == (cfg.finetune is None):
         raise UserError(f"{where}: give exactly one of `data` (pretraining shards) or `finetune` (jsonl)")
     _check_durations(cfg, where)
+    _check_optimizer(cfg, where)
     if cfg.global_batch_size <= 0 or (cfg.micro_batch_size is not None and cfg.micro_batch_size <= 0):
         raise UserError(f"{where}: global_batch_size and micro_batch_size must be positive")
     return cfg
+
+
+def _check_optimizer(cfg: TrainConfig, where: str) -> None:
+    """Every optimizer and schedule number in its range, the key named: a negative lr trains (ascending)."""
+    o, s = cfg.optimizer, cfg.schedule
+    checks = [
+        ("optimizer.lr", o.lr, o.lr > 0, "> 0"),
+        ("optimizer.betas", o.betas, len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "two numbers in [0, 1)"),
+        ("optimizer.eps", o.eps, o.eps > 0, "> 0"),
+        ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0"),
+        ("optimizer.momentum", o.momentum, 0 <= o.momentum < 1, "in [0, 1)"),
+        ("schedule.min_lr_ratio", s.min_lr_ratio, 0 <= s.min_lr_ratio <= 1, "in [0, 1]"),
+    ]
+    for key, value, ok, wanted in checks:
+        if not ok:
+            raise UserError(f"{where}: {key}: {value!r} must be {wanted}")
 
 
 def _check_durations(cfg: TrainConfig, where: str) -> None:
