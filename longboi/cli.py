@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from longboi.config import Precision, Quantize
-from longboi.errors import UserError
+from longboi.errors import UserError, check_output_location
 
 
 def info(target: str, seq_len: int | None = None) -> dict:
@@ -281,6 +281,7 @@ def init(preset: str, out: str, *, tokenizer: str, seed: int = 0) -> Path:
     from longboi.model import MPTForCausalLM
     from longboi.tokenizer import Tokenizer
 
+    check_output_location(out)
     cfg = get_preset(preset)
     tok = Tokenizer(tokenizer)
     tok.check_fits(cfg.vocab_size)
@@ -372,6 +373,7 @@ def convert(
     """
     from longboi.export.hf import export_hf, export_vllm, import_checkpoint
 
+    check_output_location(dst)
     if to in ("gguf", "onnx"):
         return _export_for_runtime(src, dst, to, outtype)
     if to == "vllm":
@@ -441,6 +443,8 @@ def prepare(
     from longboi.data.parts import part_spec
     from longboi.data.prepare import prepare as run
 
+    if "://" not in out:  # object storage says what is wrong itself, at its first write
+        check_output_location(Path(out) / "train")
     r = run(
         inputs,
         out,
@@ -610,6 +614,7 @@ def merge(base: str, adapter: str, out: str, scale: float = 1.0, add: list[str] 
     from longboi.lora import merge as fold
     from longboi.multilora import merge_adapters
 
+    check_output_location(out)
     stack = [(adapter, scale)] + [_scaled(a) for a in add or []]
     if len(stack) == 1 and scale == 1.0:  # peft's own merge: the reference the stacked merge is tested against
         model = fold(load_adapter(load_model(base), adapter))
@@ -675,6 +680,7 @@ def train_tokenizer(files: list[str], *, vocab_size: int, out: str, holdout_frac
     """
     from longboi.tokenizer import padded_vocab_size, train_bpe
 
+    check_output_location(out)
     tok = train_bpe(files, vocab_size, out, holdout_fraction)
     print(f"wrote {out}: {tok.vocab_size} ids (model vocab_size {padded_vocab_size(tok.vocab_size)})", file=sys.stderr)
     return Path(out)

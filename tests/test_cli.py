@@ -2,8 +2,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import build, small_config
 
+from longboi.checkpoint import save_checkpoint
 from longboi.cli import COMMANDS, build_parser, main
+from longboi.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("command", [c.__name__.replace("_", "-") for c in COMMANDS])
@@ -106,3 +109,26 @@ def test_train_overrides_are_an_argument_of_the_same_function():
     assert not [name for name in vars(cli) if name.isupper() and name != "COMMANDS"]  # no module-level state
     with pytest.raises(SystemExit):  # other commands still refuse stray arguments
         build_parser().parse_args(["info", "tiny", "--bogus"])
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "{ck}", "--to", "gguf", "/proc/nope/x.gguf"],
+        ["convert", "{ck}", "--to", "hf", "{file}/under-a-file"],
+        ["merge", "{ck}", "{ck}", "/proc/nope/merged"],
+        ["init", "tiny", "/proc/nope/ck", "--tokenizer", "{tok}"],
+        ["train-tokenizer", "{tok}", "--vocab-size", "300", "--out", "/proc/nope/tok.json"],
+        ["prepare", "{tok}", "--out", "/proc/nope/data", "--tokenizer", "{tok}"],
+    ],
+)
+def test_every_command_that_writes_checks_its_output_location_first(command, tmp_path, tokenizer_path, capsys):
+    """A place that cannot be written is one line naming it and why, before any work, never a traceback."""
+    ck = tmp_path / "ck"
+    save_checkpoint(build(small_config()), ck, Tokenizer(tokenizer_path))
+    (tmp_path / "a-file").write_text("x")
+    args = [a.format(ck=ck, file=tmp_path / "a-file", tok=tokenizer_path) for a in command]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: output ") and "cannot write in" in err and "\n" not in err, err
