@@ -443,8 +443,6 @@ def prepare(
     from longboi.data.parts import part_spec
     from longboi.data.prepare import prepare as run
 
-    if "://" not in out:  # object storage says what is wrong itself, at its first write
-        check_output_location(Path(out) / "train")
     r = run(
         inputs,
         out,

@@ -45,7 +45,7 @@ from longboi.data.parts import (
     write_record,
 )
 from longboi.data.shards import Layout, ShardWriter, write_atomic
-from longboi.errors import UserError
+from longboi.errors import UserError, check_output_location
 from longboi.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -376,6 +376,8 @@ def prepare(
         raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not (math.isfinite(group_mb) and group_mb > 0):
         raise UserError(f"group_mb must be a positive number of MiB, got {group_mb}")
+    if "://" not in out:  # before any tokenizing; object storage says what is wrong at its first write
+        check_output_location(Path(out) / "train")
     tok = Tokenizer(tokenizer)
     files = expand_inputs(inputs)
     groups, sizes = plan_groups(files, [_kind(f) for f in files], max(1, int(group_mb * 2**20)))

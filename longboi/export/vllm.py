@@ -20,7 +20,7 @@ from typing import Any
 from longboi.config import ModelConfig, from_mpt_dict
 from longboi.errors import UserError
 
-# Tested by tests/test_vllm.py (the newest, in CI) and bench/vllm_versions.py (both ends of the range).
+# Tested by tests/test_vllm.py: the newest in CI, the oldest with LONGBOI_VLLM_VERSION=0.27.1 (by hand).
 OLDEST_VLLM = "0.27.1"
 NEWEST_TESTED_VLLM = "0.32.0"
 # The architectures our config.json files name (checkpoint.config_json) and MPT's other spelling.
