@@ -117,14 +117,11 @@ class Vllm:
     (bench/vllm_engine.py): spoken to one JSON line per run. Its 2 threads are bound to the 2 cores
     (VLLM_CPU_OMP_THREADS_BIND, vLLM's documented CPU setting)."""
 
-    def __init__(self, python: Path, ckpt: Path, max_len: int, dtype: str):
+    def __init__(self, python: Path, env: dict[str, str], ckpt: Path, max_len: int, dtype: str):
         import os
         import subprocess
 
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        import vllm_env
-
-        env = {**vllm_env.env(), "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}"}
+        env = {**env, "VLLM_CPU_OMP_THREADS_BIND": f"0-{THREADS - 1}"}
         script = Path(__file__).with_name("vllm_engine.py")
         self.log = open(ckpt.parent / f"vllm-{ckpt.name}-{os.getpid()}.log", "w")
         cmd = [str(python), str(script), str(ckpt), str(max_len), dtype]
@@ -158,9 +155,9 @@ def vllm_engines(ck: Path, max_len: int, native: bool) -> dict[str, tuple[object
     if python is None:
         print(f"vLLM left out: {why}", file=sys.stderr)
         return {}
-    out = {f"vLLM {NEWEST_TESTED_VLLM} fp32": (Vllm(python, ck, max_len, "float32"), 4)}
+    out = {f"vLLM {NEWEST_TESTED_VLLM} fp32": (Vllm(python, vllm_env.env(), ck, max_len, "float32"), 4)}
     if native:
-        out[f"vLLM {NEWEST_TESTED_VLLM} bf16"] = (Vllm(python, ck, max_len, "bfloat16"), 2)
+        out[f"vLLM {NEWEST_TESTED_VLLM} bf16"] = (Vllm(python, vllm_env.env(), ck, max_len, "bfloat16"), 2)
     return out
 
 
