@@ -741,3 +741,35 @@ def test_a_stop_request_checkpoints_and_stops_then_the_same_command_resumes(tmp_
     rerun = subprocess.run([*cmd, "--max_duration", f"{step + 2}ba"], capture_output=True, text=True, env=env)
     assert rerun.returncode == 0 and (tmp_path / "run" / "final").is_dir(), rerun.stderr[-3000:]
     assert_resumed(tmp_path / "run", from_at_least=step)
+
+
+def test_a_disk_that_fills_during_a_checkpoint_is_one_line_and_the_same_command_resumes_once_freed(tmp_path, data):
+    """A run on a 60 MB tmpfs: its step-2 checkpoint (~40 MB: weights and two Adam moments) fits, step 4's
+    does not. One line says where, how much is free and which checkpoint a resume takes; the partial save is
+    gone; once the tmpfs grows, the same command resumes from step 2 and finishes."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = (
+        os.geteuid() == 0
+        and subprocess.run(["mount", "-t", "tmpfs", "-o", "size=60m", "tmpfs", str(small)]).returncode == 0
+    )
+    if not mounted:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    try:
+        cfg = write_config(tmp_path, run_config(data, small / "run", max_duration="6ba", **{"eval.every": "0ba"}))
+        cmd = [sys.executable, "-m", "longboi", "train", str(cfg)]
+        full = subprocess.run(cmd, capture_output=True, text=True)
+        assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
+        last = full.stderr.strip().splitlines()[-1]
+        checkpoints = small / "run" / "checkpoints"
+        assert last.startswith(
+            f"error: checkpoint of step 4 could not be written to {checkpoints}: the disk is full ("
+        ), last
+        assert f"it resumes from {checkpoints / 'step-00000002'})" in last and "MiB free" in last
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]  # the partial save removed
+        subprocess.run(["mount", "-o", "remount,size=400m", str(small)], check=True)
+        again = subprocess.run(cmd, capture_output=True, text=True)
+        assert again.returncode == 0 and (small / "run" / "final").is_dir(), again.stderr[-3000:]
+        assert_resumed(small / "run", from_at_least=2)
+    finally:
+        subprocess.run(["umount", "-l", str(small)])

@@ -10,6 +10,7 @@ crash at any moment leaves the previous checkpoints intact; only renamed directo
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import random
 import re
@@ -21,10 +22,12 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from longboi.checkpoint import load_model, publish, save_checkpoint, unwrap
 from longboi.config import from_mpt_dict
+from longboi.errors import UserError
 from longboi.lora import load_adapter, merge, save_adapter
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
@@ -72,17 +75,45 @@ def save(
         tmp.mkdir(parents=True)
     barrier(d)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _one_process_io():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save(_rng_state(d), tmp / f"rng-rank{d.rank}.pt")
+    with _disk_full_said(run_dir, tmp, step):
+        with _one_process_io():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save(_rng_state(d), tmp / f"rng-rank{d.rank}.pt")
     barrier(d)
     if d.is_main:
-        (tmp / "train_state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
+        with _disk_full_said(run_dir, tmp, step):
+            (tmp / "train_state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
         publish(tmp, final)  # atomic, also when re-saving the same step (after a rollback)
         for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier(d)
     return final
+
+
+FULL_BELOW = 16 * 2**20  # free bytes under which a failed write is taken for a full disk
+
+
+@contextlib.contextmanager
+def _disk_full_said(run_dir: str | Path, tmp: Path, step: int) -> Iterator[None]:
+    """A save that fails on a full disk (ENOSPC, or a writer's own error such as torch's "unexpected pos"
+    while almost nothing is free) becomes one line: where, how much is free once the partial save is removed,
+    what a checkpoint takes, and which checkpoint the same command resumes from. Other failures pass as they are."""
+    try:
+        yield
+    except (Exception, CheckpointException) as e:  # dcp's exception (a BaseException) wraps each rank's error
+        free = shutil.disk_usage(tmp.parent).free
+        if not (getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < FULL_BELOW):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        done = checkpoints(run_dir)
+        size = sum(f.stat().st_size for f in done[-1].rglob("*") if f.is_file()) if done else 0
+        resume = f"it resumes from {done[-1]}" if done else "no checkpoint was saved yet: it starts at step 0"
+        took = f"; the last checkpoint took {size / 2**20:.0f} MiB" if size else ""
+        raise UserError(
+            f"checkpoint of step {step} could not be written to {tmp.parent}: the disk is full "
+            f"({shutil.disk_usage(tmp.parent).free / 2**20:.0f} MiB free once the partial save was removed{took}); "
+            f"free space, then run the same command ({resume})"
+        ) from e
 
 
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict[str, Any]:
