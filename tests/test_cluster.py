@@ -244,3 +244,34 @@ def test_sbatch_array_prepares_in_parts_and_a_dependent_job_merges_them_byte_ide
     prepare([str(inputs)], str(tmp_path / "one"), str(tokenizer), **(OPTIONS | {"on_bad_input": "error"}))
     assert files_of(tmp_path / "out") == files_of(tmp_path / "one")
     assert "merged: the parts read 2 files" in (tmp_path / "merge.out").read_text()
+
+
+def test_a_job_stopped_before_any_new_step_in_each_allocation_fails_instead_of_requeueing_forever(
+    tmp_path, data, slurm
+):
+    """Set-up that outlasts the time limit minus the warning: the warning (USR1) comes in every allocation
+    before the first step. The first stop is a planned requeue; a stop at the same step again is a failure, so
+    with LONGBOI_MAX_REQUEUES=1 the job ends FAILED after three allocations instead of cycling forever."""
+    cfg = write(tmp_path, "run", run_config(data, tmp_path / "run", max_duration="400ba", **KNOBS))
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "LONGBOI_MAX_REQUEUES": "1"}
+    env["LONGBOI_RDZV_PORT"] = str(free_port())
+    submit = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path}/job.out", str(SBATCH), str(cfg)],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert submit.returncode == 0, submit.stderr
+    job, warned, deadline = submit.stdout.strip().split(";")[0], 0, time.time() + 600
+    log = tmp_path / "job.out"
+    while (state := slurm.state(job)) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        out = log.read_text() if log.exists() else ""
+        assert time.time() < deadline and warned <= 4, out[-3000:]
+        started = out.count(f"longboi: job {job} (restart")
+        if started > warned and "USR1 received" not in out.split(f"longboi: job {job} (restart")[-1]:
+            time.sleep(0.5)  # past the script's trap; the run's set-up takes seconds more
+            slurm.run("scancel", "--batch", "--signal=USR1", job, check=True)  # this allocation's warning
+            warned = started
+        time.sleep(0.1)
+    out = log.read_text()
+    assert state == "FAILED", out[-3000:]
+    assert out.count("requeueing job") == 2 and "stopped at step 0 again, no step made" in out, out[-3000:]
+    assert "giving up" in out and newest_step(tmp_path / "run") == 0
