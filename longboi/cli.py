@@ -820,6 +820,7 @@ def serve(
     prefix_cache: bool = True,
     lora: list[str] | None = None,
     enable_lora: bool = False,
+    lora_root: str | None = None,
     max_loras: int = 8,
     max_lora_rank: int = 64,
 ) -> None:
@@ -844,7 +845,9 @@ def serve(
         device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.
         prefix_cache: reuse the KV cache of prompt prefixes already computed (--no-prefix-cache: never).
         lora: NAME=ADAPTER_DIR (repeatable): a LoRA adapter requests name as their model ("a+b" stacks).
-        enable_lora: allow loading adapters at run time (POST /v1/load_lora_adapter) without --lora.
+        enable_lora: allow loading adapters at run time (POST /v1/load_lora_adapter); needs --lora-root.
+        lora_root: the directory run-time loads read from: a lora_path is taken relative to it and must
+            resolve (symlinks followed) inside it, so a client cannot make the server open other paths.
         max_loras: most LoRA adapters held at once.
         max_lora_rank: the largest adapter rank accepted.
     """
@@ -859,7 +862,8 @@ def serve(
     settings = Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
     settings.kv_cache_bytes = parse_kv_cache_memory(kv_cache_memory)
     settings.allowed_hosts = _allowed_hosts(host, allowed_hosts)
-    _lora_settings(settings, lora or [], enable_lora, max_loras, max_lora_rank)
+    _lora_settings(settings, lora or [], max_loras, max_lora_rank)
+    settings.enable_lora, settings.lora_root = enable_lora, _lora_root(enable_lora, lora_root)
     app = create_app(settings, functools.partial(load_for_inference, source, dtype, quantize, where))
     _run_server(uvicorn, app, settings, host, port, source)
 
@@ -876,11 +880,27 @@ def _at_least_one(**values: int) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def _lora_settings(settings, flags: list[str], enable: bool, max_loras: int, max_rank: int) -> None:
+def _lora_settings(settings, flags: list[str], max_loras: int, max_rank: int) -> None:
     """The LoRA flags, checked before anything loads."""
     _at_least_one(max_loras=max_loras, max_lora_rank=max_rank)
     settings.loras = _lora_flags(flags, settings.model_name, max_loras)
-    settings.enable_lora, settings.max_loras, settings.max_lora_rank = enable, max_loras, max_rank
+    settings.max_loras, settings.max_lora_rank = max_loras, max_rank
+
+
+def _lora_root(enable: bool, root: str | None) -> str | None:
+    """The resolved directory run-time adapter loads are confined to (required with --enable-lora)."""
+    if root is None:
+        if enable:
+            raise UserError(
+                "--enable-lora reads adapters from paths clients send: give --lora-root DIR, the "
+                "directory every run-time lora_path must lie in"
+            )
+        return None
+    if not enable:
+        raise UserError("--lora-root is where run-time adapter loads read from: it needs --enable-lora")
+    if not Path(root).is_dir():
+        raise UserError(f"--lora-root {root}: not a directory")
+    return str(Path(root).resolve())
 
 
 def _lora_flags(flags: list[str], base: str, max_loras: int) -> dict[str, str]:

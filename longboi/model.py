@@ -167,10 +167,13 @@ class PagedCache:
         self.needed = max(max(blocks) for _, _, blocks in segments) + 1
         self.decodes = decodes
         self.segments = [(start, count, g.to(device)) for g, (start, count, _) in zip(gathers, segments)]
-        self.decode_keys = self.decode_bias = None
-        if decodes:
-            keys, bias = self._decode_plan(segments[:decodes], gathers[:decodes], slopes)
-            self.decode_keys, self.decode_bias = keys.to(device), bias.to(device)
+        self.decode_groups = []  # (rows, (Bg, Tg) slots, (Bg, H|1, 1, Tg) bias) per group of decode rows
+        groups = _length_groups([start + 1 for start, _, _ in segments[:decodes]])
+        if len(groups) == 1:
+            groups = [list(range(decodes))]  # planned in row order: nothing to reorder at run time
+        for rows in groups:
+            slots, bias = self._decode_plan([segments[r] for r in rows], [gathers[r] for r in rows], slopes)
+            self.decode_groups.append((torch.tensor(rows, device=device), slots.to(device), bias.to(device)))
         self.masks = [AttentionMask(count, start + count, slopes, device) for start, count, _ in segments[decodes:]]
 
     def _slots(self, blocks: list[int], positions: torch.Tensor) -> torch.Tensor:
@@ -179,7 +182,7 @@ class PagedCache:
         return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _decode_plan(self, segments, gathers: list[torch.Tensor], slopes: torch.Tensor | None):
-        """(B, Tmax) slots of every decode row's keys, padded with the zero block, and the (B, H|1, 1,
+        """(B, Tmax) slots of a group of decode rows' keys, padded with the zero block, and the (B, H|1, 1,
         Tmax) fp32 bias: relative ALiBi up to the row's own position, -inf past it."""
         longest = max(start + 1 for start, _, _ in segments)
         slots = torch.zeros(len(segments), longest, dtype=torch.long)
@@ -282,19 +285,46 @@ class PagedCache:
         return k, v
 
     def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-        """The decode rows (the first `decodes` queries), batched: (1, H, B, D). decode_attention's math,
+        """The decode rows (the first `decodes` queries): (1, H, B, D), one batched attention per group of
+        rows of similar length (`_length_groups`)."""
+        if len(self.decode_groups) == 1:  # planned in row order
+            _, slots, bias = self.decode_groups[0]
+            return self._decode_group(q[0, :, : self.decodes], keys, values, slots, bias, scale)[None]
+        out = q.new_empty(q.shape[1], self.decodes, q.shape[3])
+        for rows, slots, bias in self.decode_groups:
+            out[:, rows] = self._decode_group(q[0].index_select(1, rows), keys, values, slots, bias, scale)
+        return out[None]
+
+    def _decode_group(self, q, keys, values, slots: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+        """(H, B, D) queries of B decode rows -> (H, B, D): decode_attention's math over their gathered keys,
         with query heads grouped under their key/value head for GQA/MQA."""
         Hkv, _, D = keys.shape
-        B, T = self.decode_keys.shape
-        H = q.shape[1]
-        kd, vd = self._gather(keys, values, self.decode_keys.flatten())
+        B, T = slots.shape
+        H = q.shape[0]
+        kd, vd = self._gather(keys, values, slots.flatten())
         kd, vd = kd.view(Hkv, B, T, D), vd.view(Hkv, B, T, D)
-        qd = q[0, :, :B].reshape(Hkv, H // Hkv, B, D).transpose(1, 2)  # (Hkv, B, G, D)
+        qd = q.reshape(Hkv, H // Hkv, B, D).transpose(1, 2)  # (Hkv, B, G, D)
         scores = torch.matmul(qd, kd.transpose(-1, -2)).float() * scale  # (Hkv, B, G, T)
-        bias = self.decode_bias  # (B, H|1, 1, T) -> (Hkv|1, B, G|1, T)
-        bias = bias.view(B, Hkv, H // Hkv, T) if bias.shape[1] > 1 else bias
+        bias = bias.view(B, Hkv, H // Hkv, T) if bias.shape[1] > 1 else bias  # (B, H|1, 1, T) -> (B, Hkv|1, G|1, T)
         probs = (scores + bias.permute(1, 0, 2, 3)).softmax(dim=-1).to(vd.dtype)
-        return torch.matmul(probs, vd).transpose(1, 2).reshape(H, B, D)[None]
+        return torch.matmul(probs, vd).transpose(1, 2).reshape(H, B, D)
+
+
+DECODE_GROUP_FLOOR = 64  # positions: decode rows shorter than this share a group whatever their lengths
+
+
+def _length_groups(lengths: list[int]) -> list[list[int]]:
+    """Row indices grouped by length, shortest first, each group's longest at most twice its shortest (or
+    DECODE_GROUP_FLOOR): a group's rows are gathered to its longest, so one 8k-position row beside 64 short
+    ones costs them their own lengths, not 8k each (3 GB of keys and values for mpt-125m in fp32). The
+    gathered keys/values of a group are thus at most twice those its rows hold in the cache."""
+    groups: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and lengths[row] <= 2 * max(lengths[groups[-1][0]], DECODE_GROUP_FLOOR):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return groups
 
 
 class AttentionMask:

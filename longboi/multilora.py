@@ -40,22 +40,69 @@ class Adapter:
 
 
 def read_adapter(path: str | Path, name: str, model: MPTForCausalLM, max_rank: int | None = None) -> Adapter:
-    """An adapter directory (`longboi finetune` with LoRA, or peft's layout) checked against `model`."""
+    """An adapter directory (`longboi finetune` with LoRA, or peft's layout) checked against `model`: its
+    config, then its tensors' names and shapes from the safetensors header (no data is read until they
+    pass: a file claiming r 8 with rank-512 factors is refused, not loaded)."""
     path = Path(path)
     config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not config_file.is_file() or not weights_file.is_file():
         raise UserError(f"{path}: not an adapter directory (needs adapter_config.json and adapter_model.safetensors)")
+    config, rank, alpha = _lora_config(config_file)
+    if max_rank is not None and rank > max_rank:
+        raise UserError(f"{path}: rank {rank} is over the server's --max-lora-rank {max_rank}")
+    _check_shapes(_header_shapes(weights_file), rank, model, weights_file)
+    scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    return Adapter(name, str(path), rank, scaling, _weights(load_file(str(weights_file)), model, path))
+
+
+def _lora_config(config_file: Path) -> tuple[dict, int, float]:
+    """adapter_config.json: (config, r, lora_alpha), refusing what serving would not apply as merging does."""
     try:
         config = json.loads(config_file.read_text())
         rank, alpha = int(config["r"]), float(config["lora_alpha"])
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{config_file}: not a LoRA config (needs integer r and number lora_alpha): {e}") from e
+    if rank < 1:
+        raise UserError(f"{config_file}: r is {rank}; a LoRA rank is at least 1")
     if config.get("use_dora") or config.get("fan_in_fan_out"):
         raise UserError(f"{config_file}: DoRA and fan_in_fan_out adapters are not supported")
-    if max_rank is not None and rank > max_rank:
-        raise UserError(f"{path}: rank {rank} is over the server's --max-lora-rank {max_rank}")
-    scaling = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
-    return Adapter(name, str(path), rank, scaling, _weights(load_file(str(weights_file)), model, path))
+    for key in ("modules_to_save", "rank_pattern", "alpha_pattern"):
+        if config.get(key):  # full weights or per-module ranks: served per token, they would be dropped or misscaled
+            raise UserError(f"{config_file}: {key} {config[key]!r} is not supported by multi-adapter serving")
+    return config, rank, alpha
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # a safetensors header is names and shapes: far smaller than this
+
+
+def _header_shapes(weights_file: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from the safetensors header alone (8-byte little-endian length, then JSON)."""
+    try:
+        with open(weights_file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= MAX_HEADER_BYTES:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{weights_file}: not a safetensors file ({e})") from e
+
+
+def _check_shapes(shapes: dict[str, tuple[int, ...]], rank: int, model: MPTForCausalLM, file: Path) -> None:
+    """Every tensor is the A or B factor of a linear the server adapts, of the config's rank (so the rank
+    checked against --max-lora-rank is the tensors' too)."""
+    wrapped = set(adapted_modules(model))
+    for key, shape in shapes.items():
+        factor = ".lora_A.weight" if key.endswith(".lora_A.weight") else ".lora_B.weight"
+        module = key.removesuffix(factor).removeprefix("base_model.model.")
+        if not key.endswith(factor) or module not in wrapped:
+            raise UserError(
+                f"{file}: {key} is not a LoRA factor of a layer served adapters apply to "
+                f"({'/'.join(n for _, n in TARGETS)} of the blocks): serving would drop it while merging applies it"
+            )
+        found = shape[0] if factor == ".lora_A.weight" else (shape[1] if len(shape) == 2 else -1)
+        if len(shape) != 2 or found != rank:
+            raise UserError(f"{file}: {key} has shape {list(shape)}, not rank {rank} as adapter_config.json says")
 
 
 def _weights(state: dict[str, torch.Tensor], model: MPTForCausalLM, path: Path) -> dict:
@@ -161,6 +208,13 @@ class LoraLinear(nn.Module):
 
 
 TARGETS = (("attn", "Wqkv"), ("attn", "out_proj"), ("ffn", "up_proj"), ("ffn", "down_proj"))
+
+
+def adapted_modules(model: MPTForCausalLM) -> list[str]:
+    """Names of the linears served adapters apply to (what `attach` wraps)."""
+    return [
+        f"transformer.blocks.{i}.{part}.{name}" for i in range(len(model.transformer.blocks)) for part, name in TARGETS
+    ]
 
 
 def attach(model: MPTForCausalLM, bank: AdapterBank) -> None:

@@ -173,10 +173,51 @@ def test_bad_adapters_are_refused_with_the_reason(base_dir, adapters, tmp_path):
         read_adapter(adapters["qkv"], "qkv", wide)
 
 
+def forged(adapter: Path, out: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
+    """A copy of `adapter` with config keys and tensors replaced or added."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(adapter, out)
+    if config:
+        raw = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps(raw | config))
+    if tensors:
+        save_file(load_file(str(out / "adapter_model.safetensors")) | tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_an_adapters_tensors_are_checked_from_the_header_not_taken_from_its_config(base_dir, adapters, tmp_path):
+    """adapter_config.json says r 8; the tensors decide: rank-512 factors are refused (by their header: the
+    file's data is cut short, so reading it would fail differently); so are tensors serving would drop
+    (a layer it does not adapt, a full weight) and modules_to_save."""
+    model = load_model(base_dir).eval()
+    key = "base_model.model.transformer.blocks.0.ffn.up_proj"
+    d, hidden = model.config.d_model, model.transformer.blocks[0].ffn.up_proj.out_features
+    wide = {f"{key}.lora_A.weight": torch.randn(512, d), f"{key}.lora_B.weight": torch.randn(hidden, 512)}
+    big = forged(adapters["mlp"], tmp_path / "big", tensors=wide)
+    file = big / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])  # the header is whole; the data is not
+    with pytest.raises(UserError, match=r"up_proj.lora_A.weight has shape \[512, 64\], not rank 8"):
+        read_adapter(big, "big", model, max_rank=64)
+    head = {"base_model.model.transformer.blocks.0.norm_1.weight": torch.ones(d)}
+    with pytest.raises(UserError, match="norm_1.weight is not a LoRA factor of a layer served adapters apply to"):
+        read_adapter(forged(adapters["mlp"], tmp_path / "norm", tensors=head), "norm", model)
+    elsewhere = {"base_model.model.lm_head.lora_A.weight": torch.randn(8, d)}
+    with pytest.raises(UserError, match="lm_head.lora_A.weight is not a LoRA factor"):
+        read_adapter(forged(adapters["mlp"], tmp_path / "head", tensors=elsewhere), "head", model)
+    with pytest.raises(UserError, match="modules_to_save .* is not supported"):
+        read_adapter(forged(adapters["mlp"], tmp_path / "save", {"modules_to_save": ["norm_f"]}), "save", model)
+    assert read_adapter(adapters["mlp"], "mlp", model, max_rank=8).rank == 8  # the honest one still loads
+
+
 def test_the_server_lists_serves_stacks_loads_and_unloads_adapters(base_dir, adapters, tokenizer_path):
     tok = Tokenizer(tokenizer_path)
     lora = ["--lora", f"qkv={adapters['qkv']}", "--lora", f"mlp={adapters['mlp']}"]
-    server = Server(base_dir, "--api-key", KEY, "--dtype", "fp32", "--max-loras", "3", "--enable-lora", *lora)
+    root = ["--enable-lora", "--lora-root", str(base_dir.parent)]
+    server = Server(base_dir, "--api-key", KEY, "--dtype", "fp32", "--max-loras", "3", *root, *lora)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
     try:
         assert [m.id for m in client.models.list().data] == ["base", "qkv", "mlp"]
@@ -213,6 +254,17 @@ def test_the_server_lists_serves_stacks_loads_and_unloads_adapters(base_dir, ada
         assert post(server, "/v1/unload_lora_adapter", {"lora_name": "all"}).status_code == 404
         bad = post(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(base_dir)})
         assert bad.status_code == 400 and "not an adapter directory" in bad.text
+        relative = post(server, "/v1/load_lora_adapter", {"lora_name": "again", "lora_path": "all"})
+        assert relative.status_code == 200, relative.text  # relative to --lora-root
+        import shutil
+
+        elsewhere = base_dir.parent.parent / f"{base_dir.parent.name}-outside"  # a real adapter, outside the root
+        shutil.copytree(adapters["all"], elsewhere)
+        (base_dir.parent / "escape").symlink_to(elsewhere.parent)  # inside the root, pointing out
+        for outside in ("/etc", "/no/such/dir", "../", str(elsewhere), f"escape/{elsewhere.name}", "escape"):
+            r = post(server, "/v1/load_lora_adapter", {"lora_name": "y", "lora_path": outside})
+            assert r.status_code == 400, (outside, r.text)
+            assert r.json()["error"]["message"] == f"lora_path: {outside!r} is not inside the server's --lora-root"
         assert httpx.get(f"{server.url}/health").status_code == 200
     finally:
         code, out = server.stop()

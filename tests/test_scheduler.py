@@ -184,3 +184,34 @@ def test_an_unshared_sequence_never_waits_for_another():
     s.add(a)
     s.add(b)
     assert {p.seq for p in run_step(s).pieces} == {a, b}
+
+
+def test_the_choices_of_an_unshared_sequence_stay_unshared_when_preempted_and_readmitted():
+    """--no-prefix-cache holds for a request's n choices too: a preempted fork recomputes, it does not hit."""
+    s = Scheduler(blocks=64, block_size=4)
+    cached = Seq([1, 2, 3, 4, 5, 6, 7, 8, 9])
+    s.add(cached)
+    run_step(s)
+    private = Seq([1, 2, 3, 4, 5, 6, 7, 8, 9], shared=False, forks=2)
+    s.add(private)
+    run_step(s)
+    forks, _ = s.fork(private, 2)
+    assert [f.shared for f in forks] == [False, False]
+    s.requeue(forks[-1])
+    run_step(s)
+    assert forks[-1] in s.running and forks[-1].hits == 0
+
+
+def test_a_prompt_whose_choices_need_blocks_waits_until_its_forks_fit():
+    """A prompt that ends this step is admitted only with room for the partial last block each other choice
+    copies: admitted without it, the fork would find no block and the request would fail."""
+    s = Scheduler(blocks=1 + 5, block_size=4)
+    a = Seq(list(range(10)))  # 3 blocks
+    b = Seq(list(range(100, 106)), forks=2)  # 2 blocks, then 2 copies of its partial last block
+    s.add(a)
+    s.add(b)
+    run_step(s)
+    assert a in s.running and b in s.waiting  # 2 blocks are left: b needs 2, then 2 more for its forks
+    s.finish(a)
+    run_step(s)
+    assert b in s.running and s.fork(b, 2) is not None

@@ -285,6 +285,15 @@ def inject(engine: Engine, where: str, chosen: list):
             return real_forward(pieces)
 
         engine._forward = forward
+    elif where == "intake":  # taking the job in: its grammar matcher, its adapter stack
+        real_sequence = engine._sequence
+
+        def sequence(job, index, seq):
+            if is_chosen(job):
+                boom()
+            return real_sequence(job, index, seq)
+
+        engine._sequence = sequence
     elif where == "start":
         real_start = engine._start
 
@@ -305,7 +314,7 @@ def inject(engine: Engine, where: str, chosen: list):
         engine._sample = sample
 
 
-@pytest.mark.parametrize("where", ["prefill", "start", "decode", "sampling"])
+@pytest.mark.parametrize("where", ["intake", "prefill", "start", "decode", "sampling"])
 def test_a_fault_for_one_job_fails_it_alone_and_16_others_finish_as_in_a_clean_run(tokenizer_path, where):
     tok = Tokenizer(tokenizer_path)
     model = build(small_config(max_seq_len=128), seed=3)
@@ -490,3 +499,28 @@ def test_serve_limits_from_the_command_line(ckpt, capsys):
     assert "127.0.0.2" in _allowed_hosts("127.0.0.2", None)
     assert _allowed_hosts("0.0.0.0", None) == ("*",) and _allowed_hosts("0.0.0.0", ["Api.Example"]) == ("api.example",)
     assert _allowed_hosts("::", ["::1", "a.example:8000", "[::2]:80", "*"]) == ("[::1]", "a.example", "[::2]", "*")
+    for flags, said in (
+        (["--enable-lora"], "--enable-lora reads adapters from paths clients send: give --lora-root"),
+        (["--lora-root", str(ckpt)], "--lora-root is where run-time adapter loads read from: it needs --enable-lora"),
+        (["--enable-lora", "--lora-root", str(ckpt / "nope")], "not a directory"),
+    ):
+        assert main(["serve", str(ckpt), *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and "\n" not in err
+
+
+def test_a_body_nested_past_the_limit_is_refused_before_any_parser_sees_it():
+    """The guard counts brackets outside strings (escaped quotes included) at C speed: 128 levels pass,
+    129 are refused, brackets in strings do not count. (The hostile test above times a 100,000-level body.)"""
+    from longboi.serve.api import MAX_JSON_DEPTH, _nesting_rejection
+
+    assert MAX_JSON_DEPTH == 128
+    assert _nesting_rejection(deep(128).encode()) is None
+    refused = _nesting_rejection(deep(129).encode())
+    assert refused is not None and refused.status_code == 400
+    assert json.loads(refused.body)["error"]["message"] == "the body nests 129 levels deep; at most 128 are accepted"
+    in_strings = json.dumps({"prompt": "[" * 5000 + '\\"{' * 300, "stop": ["]]]"]}).encode()
+    assert _nesting_rejection(in_strings) is None
+    wide = json.dumps({"prompt": [[1]] * 5000}).encode()  # many brackets, depth 2
+    assert _nesting_rejection(wide) is None
+    assert b"4,000,000 levels" in _nesting_rejection(deep(4_000_000).encode()).body  # the 8 MB limit's deepest

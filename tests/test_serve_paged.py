@@ -61,6 +61,36 @@ def test_one_step_of_mixed_decodes_and_prompt_pieces_equals_each_sequence_alone(
         torch.testing.assert_close(out, torch.cat([ref_a[22:], ref_b[6:7]]), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["alibi", "gqa"])
+def test_one_long_decode_row_beside_many_short_ones_gathers_each_group_to_its_own_length(kind):
+    """One 2,000-position row and 32 rows of 20 decode together: gathered to the longest row, the short ones
+    would cost 2,000 positions each (33x the long row's keys); in length groups the gathered keys/values stay
+    within twice those the rows hold. Each row's output still equals its sequence computed alone."""
+    cfg = {"alibi": dict(), "gqa": dict(attn_type="grouped_query_attention", kv_n_heads=2)}[kind]
+    model = build(small_config(max_seq_len=4096, **cfg), seed=2)
+    bs, lengths = 16, [20] * 16 + [2000] + [20] * 16  # the long row in the middle: outputs keep row order
+    seqs = [torch.randint(0, 1000, (n + 1,)) for n in lengths]
+    tables, next_block = [], 1
+    for n in lengths:
+        tables.append(list(range(next_block, next_block + n // bs + 1)))
+        next_block += n // bs + 1
+    cache = PagedCache(model.config.n_layers, blocks=next_block, block_size=bs)
+    slopes = model.transformer.alibi_slopes(torch.device("cpu"))
+    with torch.no_grad():
+        for seq, table, n in zip(seqs, tables, lengths):  # the prompts, one by one
+            cache.plan([(0, n, table)], 0, slopes, torch.device("cpu"))
+            model(seq[None, :n], cache=cache)
+        cache.plan([(n, 1, table) for n, table in zip(lengths, tables)], len(lengths), slopes, torch.device("cpu"))
+        out = model(torch.stack([seq[-1] for seq in seqs])[None], cache=cache)[0]
+        want = torch.stack([model(seq[None])[0, -1] for seq in seqs])
+    torch.testing.assert_close(out, want, atol=5e-5, rtol=0)
+    cfg = model.config
+    gathered = sum(t.numel() for t in cache._gathered) * 4  # fp32 keys and values
+    held = 2 * sum(n + 1 for n in lengths) * cfg.kv_heads * cfg.head_dim * 4
+    assert gathered <= 2 * held  # padded to the longest row it would be 33 x 2,001 positions: 15x more
+    assert len(cache.decode_groups) == 2
+
+
 def test_a_reused_block_never_shows_what_its_last_sequence_left():
     """A retired sequence may leave inf in a block (an overflowing model); a new sequence in that block
     reads only the positions it wrote, and gathers pad with the zero block: 0 x inf would be NaN."""
@@ -188,3 +218,74 @@ def test_prompt_scores_of_positions_taken_from_the_prefix_cache_equal_a_full_com
         assert [t for t, _, _ in g] == [t for t, _, _ in w] and g[0][1] is None
         assert max(abs(a - b) for (_, a, _), (_, b, _) in zip(g[1:], w[1:])) < 1e-4
         assert [top for _, _, top in g] == [top for _, _, top in w]  # the same alternatives, as many as asked
+
+
+def submit_and_wait(engine: Engine, jobs: list[Job]) -> list[dict]:
+    """Each job's events gathered: {"tokens": {choice: ids}, "error": ...}."""
+    out = [{"tokens": {}, "error": None} for _ in jobs]
+    done = threading.Semaphore(0)
+    for k, job in enumerate(jobs):
+
+        def sink(ev, k=k):
+            out[k]["tokens"].setdefault(ev.index, []).extend(t.id for t in ev.tokens)
+            if ev.done:
+                out[k]["error"] = ev.error
+                done.release()
+
+        job.sink = sink
+        engine.submit(job)
+    for _ in jobs:
+        assert done.acquire(timeout=120)
+    return out
+
+
+@pytest.mark.parametrize("chunk", [16, 256])
+def test_n_choices_wait_for_blocks_to_fork_instead_of_failing_under_memory_pressure(served, chunk):
+    """A pool of 5 blocks: a long request holds 3 and grows to 5; an n=3 request beside it has room for its
+    prompt but not for its choices' copies of the partial last block. It waits (at admission, or at the fork
+    when its prompt ends in a later piece) and then equals the same request on a roomy engine."""
+    model, tok = served
+    per_block = 16 * kv_bytes_per_token(model)
+    long = tok.encode("First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. First")
+    long = (long * 3)[:40]
+    prompt = tok.encode("MENENIUS: What work's, my countrymen, in hand? Where go you")[:20]
+
+    def jobs():
+        return [
+            Job(long, SamplingParams(max_new_tokens=30, temperature=0), None),
+            Job(prompt, SamplingParams(max_new_tokens=4, temperature=1.0, seed=3), None, n=3),
+        ]
+
+    roomy = Engine(model, tok, prefill_chunk=chunk).start()
+    tight = Engine(model, tok, prefill_chunk=chunk, kv_cache_bytes=5 * per_block).start()
+    try:
+        want = submit_and_wait(roomy, jobs())
+        got = submit_and_wait(tight, jobs())
+    finally:
+        roomy.stop()
+        tight.stop()
+    assert [g["error"] for g in got] == [None, None]
+    assert got == want
+
+
+def test_a_cache_salt_keeps_prefix_hits_within_requests_of_the_same_salt(served):
+    """vLLM's cache_salt: one user's cached prompt is no hit (and no faster first token) for another salt or
+    for unsalted requests; the same salt hits as before."""
+    model, tok = served
+    prompt = tok.encode("You are a helpful assistant who answers in the voice of a Shakespearean actor. " * 2)
+    engine = Engine(model, tok, prefill_chunk=16, idle_release=600).start()  # the cache outlives the gaps
+
+    def hits_after(salt: str | None) -> int:
+        before = engine.scheduler.pool.hits
+        (out,) = submit_and_wait(engine, [Job(prompt, SamplingParams(max_new_tokens=2), None, cache_salt=salt)])
+        assert out["error"] is None
+        return engine.scheduler.pool.hits - before
+
+    try:
+        assert hits_after("alice") == 0  # computes and caches it under alice's salt
+        assert hits_after("bob") == 0
+        assert hits_after(None) == 0
+        assert hits_after("alice") == (len(prompt) - 1) // 16 * 16
+        assert hits_after(None) == (len(prompt) - 1) // 16 * 16  # the unsalted copy computed above
+    finally:
+        engine.stop()

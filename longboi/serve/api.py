@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import torch
+
 from longboi.errors import UserError
 from longboi.generate import SamplingParams
 from longboi.quantize import precision_of
@@ -57,6 +59,7 @@ class Settings:
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES  # Host header names answered ("*": any)
     loras: dict[str, str] = field(default_factory=dict)  # LoRA adapters loaded at start: name -> directory
     enable_lora: bool = False  # adapters may be loaded at run time even when none is given at start
+    lora_root: str | None = None  # the resolved directory run-time loads must lie in (required by enable_lora)
     max_loras: int = 8  # adapters held at once
     max_lora_rank: int = 64
 
@@ -220,6 +223,12 @@ class Guard:
                 body, rejection = await self._read_body(receive)
                 if body is None:  # the client left while sending its body: nobody to answer
                     return
+                if rejection is None:  # megabytes take a fraction of a second: off the event loop
+                    rejection = (
+                        await asyncio.to_thread(_nesting_rejection, body)
+                        if len(body) > 2**16
+                        else _nesting_rejection(body)
+                    )
                 receive = _replay(body, receive)
         if rejection is None:
             return await self.app(scope, receive, send)
@@ -265,6 +274,29 @@ def _content_type_rejection(content_type: str | None) -> Response | None:
         return None
     message = f"request bodies are JSON: send 'Content-Type: application/json' (got {content_type or 'none'!r})"
     return error_response(415, message, "invalid_request_error", "content-type")
+
+
+MAX_JSON_DEPTH = 128  # nesting a request body may have: OpenAI's bodies (and JSON schemas) need a few dozen
+_JSON_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # unrolled: one step per run, not per byte
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_BRACKET_STEP = torch.zeros(256, dtype=torch.int64)  # byte -> its change of depth
+_BRACKET_STEP[list(b"[{")], _BRACKET_STEP[list(b"]}")] = 1, -1
+
+
+def _nesting_rejection(body: bytes) -> Response | None:
+    """A 400 for a body nested past MAX_JSON_DEPTH, found before any parser recurses into it: strings cut
+    out (their brackets are text), the brackets left counted at C speed."""
+    if body.count(b"[") + body.count(b"{") <= MAX_JSON_DEPTH:  # every ordinary body: no nesting that deep
+        return None
+    brackets = _JSON_STRINGS.sub(b"", body).translate(None, _NOT_BRACKETS)
+    if len(brackets) <= MAX_JSON_DEPTH:
+        return None
+    steps = torch.frombuffer(bytearray(brackets), dtype=torch.uint8).long()
+    depth = int(_BRACKET_STEP[steps].cumsum(0).max())
+    if depth <= MAX_JSON_DEPTH:
+        return None
+    message = f"the body nests {depth:,} levels deep; at most {MAX_JSON_DEPTH} are accepted"
+    return error_response(400, message, "invalid_request_error")
 
 
 def _replay(body: bytes, receive):
@@ -413,8 +445,10 @@ def _lora_routes(app: FastAPI, served: Served) -> None:
 
     async def load(body):
         _check_adapter_name(served, body.lora_name)
+        loras = bank()
+        path = _confined(served.settings.lora_root, body.lora_path)
         try:
-            await asyncio.to_thread(bank().load, body.lora_name, body.lora_path)
+            await asyncio.to_thread(loras.load, body.lora_name, path)
         except UserError as e:
             raise APIError(400, str(e), param="lora_path") from e
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
@@ -428,6 +462,22 @@ def _lora_routes(app: FastAPI, served: Served) -> None:
 
     app.post("/v1/load_lora_adapter")(_typed(load, body=LoadLora))
     app.post("/v1/unload_lora_adapter")(_typed(unload, body=UnloadLora))
+
+
+def _confined(root: str | None, requested: str) -> Path:
+    """A client's lora_path, relative to --lora-root, resolved with its symlinks; a 400 that says nothing of
+    whether the path exists when it resolves outside the root (as vLLM's resolver confines its cache dir)."""
+    if root is None:
+        raise APIError(400, "run-time adapter loads need the server's --lora-root", param="lora_path")
+    base = Path(root)
+    try:
+        path = (base / requested).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL byte
+        path = None
+    if path is None or not path.is_relative_to(base):
+        message = f"lora_path: {requested!r} is not inside the server's --lora-root"
+        raise APIError(400, message, param="lora_path")
+    return path
 
 
 def _tokenizer_routes(app: FastAPI, served: Served) -> None:
@@ -776,7 +826,7 @@ async def _completions(served: Served, body: CompletionRequest, request: Request
         _check_kv(engine, body.n, len(ids), max_tokens)
         scored = body.logprobs if body.echo and body.logprobs is not None else None
         options = dict(logprobs=body.logprobs, prompt_logprobs=scored, ignore_eos=body.ignore_eos, stack=stack)
-        options["grammar"] = grammar
+        options |= dict(grammar=grammar, cache_salt=body.cache_salt)
         pending.add(ids, params, n=body.n, **options)
     pending.submit()
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": _name(served, body)}
@@ -879,7 +929,10 @@ async def _chat(served: Served, body: ChatRequest, request: Request):
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(body, tok, max_tokens, end_of_turn)
     grammar = await _grammar(engine, body)
-    pending.add(ids, params, n=body.n, logprobs=logprobs, ignore_eos=body.ignore_eos, stack=stack, grammar=grammar)
+    options = dict(
+        logprobs=logprobs, ignore_eos=body.ignore_eos, stack=stack, grammar=grammar, cache_salt=body.cache_salt
+    )
+    pending.add(ids, params, n=body.n, **options)
     pending.submit()
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": _name(served, body)}
     if body.stream:

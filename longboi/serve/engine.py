@@ -48,6 +48,7 @@ log = logging.getLogger("longboi.serve")
 
 BLOCK_SIZE = 16  # positions per KV-cache block (vLLM's default): small enough that little is wasted
 STEP_TOKENS = 2048  # prompt tokens one step may compute (decodes come on top): vLLM's chunked-prefill default
+MAX_ROOTS = 4096  # (adapter stack, cache salt) roots remembered; past that, the oldest is forgotten
 IDLE_RELEASE_S = 0.5  # an engine idle this long frees its cache, prefix blocks included
 
 
@@ -101,6 +102,7 @@ class Job:
     prompt_info: list[TokenInfo] = field(default_factory=list)  # scored prompt tokens so far
     stack: Stack = ()  # LoRA adapters (and scales) applied to this request; () is the base model
     grammar: str | None = None  # structured output: an llguidance grammar each choice must follow
+    cache_salt: str | None = None  # prefix-cache hits only between jobs of the same salt (and weights)
 
 
 class Sequence:
@@ -170,7 +172,7 @@ class Engine:
         self.prefix_cache, self.idle_release = prefix_cache, idle_release
         self.bank = bank  # LoRA adapters requests may name (longboi.multilora); None: the base only
         self.grammars = Grammars(tok, model.config.vocab_size)  # structured output (response_format)
-        self.roots: dict[tuple, int] = {}  # adapter stack -> its prefix-cache root key
+        self.roots: dict[tuple, int] = {}  # (adapter stack, cache salt) -> its prefix-cache root key
         self.waiting: deque[Job] = deque()  # submitted, not yet handed to the scheduler
         self.sequences: list[Sequence] = []  # every choice the scheduler holds (running or waiting)
         self.jobs: set[Job] = set()  # every job from submit to its last event
@@ -290,8 +292,14 @@ class Engine:
         with self.wake:
             jobs, self.waiting = list(self.waiting), deque()
         for job in jobs:
-            seq = Seq(list(job.prompt), forks=job.n - 1, shared=self.prefix_cache, root=self._root(job.stack))
-            self.sequences.append(self._sequence(job, 0, seq))
+            try:  # a grammar matcher or an adapter stack's root can fail: that job alone
+                seq = Seq(list(job.prompt), forks=job.n - 1, shared=self.prefix_cache, root=self._root(job))
+                sequence = self._sequence(job, 0, seq)
+            except Exception as e:
+                log.exception("taking in a request failed")
+                self._fail(job, e)
+                continue
+            self.sequences.append(sequence)
             self.scheduler.add(seq)
 
     def _sequence(self, job: Job, index: int, seq: Seq) -> Sequence:
@@ -300,13 +308,15 @@ class Engine:
             s.matcher = self.grammars.matcher(job.grammar)
         return s
 
-    def _root(self, stack: Stack) -> int:
-        """The prefix-cache root of an adapter stack (0: the base model): prefixes are shared only
-        between requests whose keys/values come from the same weights."""
-        if not stack:
+    def _root(self, job: Job) -> int:
+        """The prefix-cache root of a job (0: the base model, unsalted): prefixes are shared only between
+        requests whose keys/values come from the same weights (adapter stack) and whose cache salts match."""
+        if not job.stack and job.cache_salt is None:
             return 0
-        signature = tuple((adapter.serial, scale) for adapter, scale in stack)
+        signature = (tuple((adapter.serial, scale) for adapter, scale in job.stack), job.cache_salt)
         if signature not in self.roots:
+            if len(self.roots) >= MAX_ROOTS:  # one salt per request must not grow this forever
+                self.roots.pop(next(iter(self.roots)))  # the oldest: its later jobs only miss the cache
             self.roots[signature] = self.scheduler.pool.new_root()
         return self.roots[signature]
 
@@ -473,24 +483,32 @@ class Engine:
         job.prompt_info += self._scored(logits, job.prompt[first : first + len(logits)], job.prompt_logprobs)
 
     def _start(self, s: Sequence, logits: torch.Tensor) -> None:
-        """A prompt is in: the job's other choices fork from it, and each samples its first token."""
+        """A prompt is in: the job's other choices fork from it, and each samples its first token. When the
+        cache has no blocks for the choices now, the job waits for room (its prompt blocks stay cached)."""
         job = s.job
+        seqs = [s]
+        if job.n > 1:
+            forked = self._forked(s)
+            if forked is None:
+                self.scheduler.requeue(s.seq)
+                return
+            seqs += forked
         job.started, job.open_choices = True, job.n
         if job.prompt_info:
             self._emit(job, Event(prompt=job.prompt_info))
             self._keep_scores(job, s.seq)
-        seqs = [s] + self._forked(s) if job.n > 1 else [s]
         if job.params.max_new_tokens == 0:  # echo-only scoring: nothing to generate
             for choice in seqs:
                 self._finish_choice(choice, "length")
             return
         self._advance(seqs, logits.repeat(len(seqs), 1))
 
-    def _forked(self, s: Sequence) -> list[Sequence]:
-        """Choices 1..n-1 of s's job, sharing s's prompt blocks (a partial last block is copied)."""
+    def _forked(self, s: Sequence) -> list[Sequence] | None:
+        """Choices 1..n-1 of s's job, sharing s's prompt blocks (a partial last block is copied); None
+        when the blocks for the copies cannot be had now."""
         forked = self.scheduler.fork(s.seq, s.job.n - 1)
         if forked is None:
-            raise RuntimeError("no KV-cache blocks left for the request's choices")
+            return None
         seqs, copies = forked
         for src, dst in copies:
             self.cache.copy_block(src, dst)

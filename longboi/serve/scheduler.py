@@ -213,11 +213,16 @@ class Scheduler:
                 blocks.append(fresh[i])
                 copies.append((seq.blocks[-1], fresh[i]))
             state = dict(computed=seq.computed, blocks=blocks, keys=list(seq.keys), order=seq.order, root=seq.root)
+            state["shared"] = seq.shared  # a preempted fork recomputes without prefix hits when the job has none
             forks.append(Seq(list(seq.tokens), **state))
         seq.forks = 0
         at = self.running.index(seq) + 1 if seq in self.running else len(self.running)
         self.running[at:at] = forks  # same arrival: they run and are preempted together
         return forks, copies
+
+    def requeue(self, seq: Seq) -> None:
+        """Send a running sequence back to wait for room (its blocks released; full ones stay cached)."""
+        self._preempt(seq)
 
     def reset_cache(self) -> None:
         """Forget the prefix cache and start a fresh pool (the engine released its memory; nothing runs)."""
@@ -304,7 +309,9 @@ class Scheduler:
         seq.blocks, seq.keys, seq.computed = [], [], 0
 
     def _admit(self, budget: int, prefills: list[Piece]) -> None:
-        """Admit waiting sequences in arrival order while rows, blocks and the step's budget allow."""
+        """Admit waiting sequences in arrival order while rows, blocks and the step's budget allow. A prompt
+        that ends this step counts the blocks its n choices will copy when they fork (kept free for them)."""
+        reserved = 0
         while self.waiting:
             seq = self.waiting[0]
             if self.rows + 1 + seq.forks > self.max_rows:
@@ -315,7 +322,9 @@ class Scheduler:
                 return
             count = self._piece(seq, budget, prefilled=bool(prefills))
             need = -(-(seq.computed + count) // self.block_size) - len(seq.blocks)
-            if count == 0 or need > self.pool.available:
+            ends = seq.computed + count == len(seq.tokens)
+            copies = seq.forks if ends and len(seq.tokens) % self.block_size else 0
+            if count == 0 or need + copies + reserved > self.pool.available:
                 self._release(seq)  # the hits go back (they stay cached)
                 return
             for _ in range(need):
@@ -325,6 +334,7 @@ class Scheduler:
             self.running.insert(sum(1 for s in self.running if s.order < seq.order), seq)  # arrival order
             prefills.append(Piece(seq, seq.computed, count))
             budget -= count
+            reserved += copies
 
     def _in_flight(self, seq: Seq) -> bool:
         """Whether a running sequence is computing the block `seq` would take from the cache next (the same

@@ -86,6 +86,9 @@ class Sampling(Strict):
     user: Annotated[str, Field(max_length=256)] | None = None
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
     response_format: ResponseFormat | None = None
+    # vLLM's per-request prefix-cache salt: blocks cached under one salt are never another salt's (or an
+    # unsalted request's) hits, so a user cannot learn another's prompt prefixes from time to first token
+    cache_salt: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
 
 def _prompt(value: Any) -> Any:
