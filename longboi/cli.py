@@ -823,6 +823,7 @@ def serve(
     lora_root: str | None = None,
     max_loras: int = 8,
     max_lora_rank: int = 64,
+    grammar_timeout: float = 10.0,
 ) -> None:
     """Serve a checkpoint over the OpenAI API (completions, chat, streaming) with continuous batching,
     plus a chat page at /. Needs the serve extra: pip install 'longboi[serve]'. Ctrl-C drains and exits.
@@ -840,32 +841,47 @@ def serve(
         prefill_chunk: prompt tokens per prefill piece (a step runs pieces and decodes in one forward).
         quantize: int8: int8 weights for the linear layers and LM head (more tokens/s on a CPU).
         kv_cache_memory: KV-cache limit (4GiB, 512MiB; auto: a third of the free memory; none): requests wait.
-        allowed_hosts: Host header names answered (repeatable; * any). Default: the loopback names when bound
-            to loopback (a web page cannot reach it by DNS rebinding), any otherwise.
+        allowed_hosts: Host header names answered (repeatable; * any; default: loopback names on loopback, else any).
         device: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N.
         prefix_cache: reuse the KV cache of prompt prefixes already computed (--no-prefix-cache: never).
         lora: NAME=ADAPTER_DIR (repeatable): a LoRA adapter requests name as their model ("a+b" stacks).
         enable_lora: allow loading adapters at run time (POST /v1/load_lora_adapter); needs --lora-root.
-        lora_root: the directory run-time loads read from: a lora_path is taken relative to it and must
-            resolve (symlinks followed) inside it, so a client cannot make the server open other paths.
+        lora_root: the directory a run-time lora_path is relative to and must resolve inside (symlinks followed).
         max_loras: most LoRA adapters held at once.
         max_lora_rank: the largest adapter rank accepted.
+        grammar_timeout: seconds a response_format schema may take to compile, waiting included (else a 400).
     """
     uvicorn = _serve_extra()
-    from longboi.inference import load_for_inference, model_source, resolve_device, serving_length
-    from longboi.serve.api import Settings, create_app, parse_kv_cache_memory
+    from longboi.inference import load_for_inference, model_source, resolve_device
+    from longboi.serve.api import create_app
 
     source, where = model_source(ckpt), resolve_device(device)
-    _at_least_one(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
     key, name = api_key or os.environ.get("LONGBOI_API_KEY") or None, served_model_name or Path(ckpt).resolve().name
-    limit = serving_length(source, max_model_len)
-    settings = Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
-    settings.kv_cache_bytes = parse_kv_cache_memory(kv_cache_memory)
-    settings.allowed_hosts = _allowed_hosts(host, allowed_hosts)
-    _lora_settings(settings, lora or [], max_loras, max_lora_rank)
-    settings.enable_lora, settings.lora_root = enable_lora, _lora_root(enable_lora, lora_root)
+    settings = _serve_settings(name, key, source, max_model_len, max_batch, max_queue, prefill_chunk, prefix_cache)
+    _limit_settings(settings, host, allowed_hosts, kv_cache_memory, grammar_timeout)
+    _lora_settings(settings, lora or [], enable_lora, lora_root, max_loras, max_lora_rank)
     app = create_app(settings, functools.partial(load_for_inference, source, dtype, quantize, where))
     _run_server(uvicorn, app, settings, host, port, source)
+
+
+def _serve_settings(name, key, source, max_model_len, max_batch, max_queue, prefill_chunk, prefix_cache):
+    from longboi.inference import serving_length
+    from longboi.serve.api import Settings
+
+    _at_least_one(max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk)
+    limit = serving_length(source, max_model_len)
+    return Settings(name, key, max_batch, max_queue, limit, prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
+
+
+def _limit_settings(settings, host: str, allowed_hosts: list[str] | None, kv_cache_memory: str, grammar_timeout: float):
+    """The Host names answered, the KV-cache limit and the grammar compile limit, checked."""
+    from longboi.serve.api import parse_kv_cache_memory
+
+    settings.allowed_hosts = _allowed_hosts(host, allowed_hosts)
+    settings.kv_cache_bytes = parse_kv_cache_memory(kv_cache_memory)
+    if not grammar_timeout > 0:
+        raise UserError(f"--grammar-timeout must be a positive number of seconds, got {grammar_timeout}")
+    settings.grammar_timeout = grammar_timeout
 
 
 def _run_server(uvicorn, app, settings, host: str, port: int, source: Path) -> None:
@@ -880,11 +896,12 @@ def _at_least_one(**values: int) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def _lora_settings(settings, flags: list[str], max_loras: int, max_rank: int) -> None:
+def _lora_settings(settings, flags: list[str], enable: bool, root: str | None, max_loras: int, max_rank: int) -> None:
     """The LoRA flags, checked before anything loads."""
     _at_least_one(max_loras=max_loras, max_lora_rank=max_rank)
     settings.loras = _lora_flags(flags, settings.model_name, max_loras)
     settings.max_loras, settings.max_lora_rank = max_loras, max_rank
+    settings.enable_lora, settings.lora_root = enable, _lora_root(enable, root)
 
 
 def _lora_root(enable: bool, root: str | None) -> str | None:

@@ -503,6 +503,7 @@ def test_serve_limits_from_the_command_line(ckpt, capsys):
         (["--enable-lora"], "--enable-lora reads adapters from paths clients send: give --lora-root"),
         (["--lora-root", str(ckpt)], "--lora-root is where run-time adapter loads read from: it needs --enable-lora"),
         (["--enable-lora", "--lora-root", str(ckpt / "nope")], "not a directory"),
+        (["--grammar-timeout", "0"], "--grammar-timeout must be a positive number of seconds, got 0"),
     ):
         assert main(["serve", str(ckpt), *flags]) == 2
         err = capsys.readouterr().err.strip()

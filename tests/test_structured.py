@@ -4,6 +4,7 @@ the schema whenever they end before max_tokens, on both endpoints, streamed or n
 from __future__ import annotations
 
 import json
+import time
 
 import jsonschema
 import openai
@@ -155,7 +156,77 @@ def test_the_demo_tokenizer_and_neox_both_compile(tokenizer_path, tmp_path):
     text.write_text('hello world, a small corpus for a byte-level BPE {"a": [1, 2]}\n' * 50)
     for tok in (Tokenizer(tokenizer_path), train_bpe([text], 300, tmp_path / "tok.json")):
         grammars = Grammars(tok, 50432)
-        matcher = grammars.matcher(grammars.compile(schema_format(SCHEMAS[5])))
+        matcher = grammars.compile(schema_format(SCHEMAS[5])).new_matcher()
         assert not matcher.is_error()
     with pytest.raises(UserError, match="response_format.type"):
         Grammars(Tokenizer(tokenizer_path), 50432).compile({"type": "yaml"})
+
+
+def slow_schema(seed: int) -> dict:
+    """58 KB: two objects of 380 integer properties with odd ranges, ~0.3 s to compile with its matcher and first
+    mask (AVX-512 EPYC). One object of 780 is a 400: its first mask passes llguidance's row limit."""
+
+    def ranges(offset: int, n: int) -> dict:
+        properties = {f"p{i}": {"type": "integer", "minimum": -987654321 + 7919 * i + offset, "maximum": 10**11 + i}
+                      for i in range(n)}  # fmt: skip
+        return {"type": "object", "properties": properties}
+
+    return {"type": "object", "properties": {"a": ranges(seed, 380), "b": ranges(seed + 1, 380)}}
+
+
+def seconds_per_token(server, tokens: int) -> float:
+    """An unconstrained greedy stream: seconds between its first and last token, per token."""
+    import httpx
+
+    body = {"prompt": "ROMEO:", "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    stamps = []
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                stamps.append(time.monotonic())
+    return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+
+def test_six_slow_schemas_at_once_leave_an_unconstrained_streams_time_per_token_unchanged(server, client):
+    """Schemas compile in their own lane (two threads at a lower priority), with the matcher built there too:
+    the engine thread copies it. Six 60 KB schemas sent together compile while a 300-token stream runs; the
+    stream's time per token stays within 1.5x of its time alone (compiling them on the shared pool and building
+    matchers on the engine thread stalled it for seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    seconds_per_token(server, 20)  # warm
+    alone = seconds_per_token(server, 300)
+
+    def constrained(k: int):
+        fmt = {"type": "json_schema", "json_schema": {"name": f"slow{k}", "schema": slow_schema(k)}}
+        return client.completions.create(
+            model="tiny-alibi", prompt="{", max_tokens=2, extra_body={"response_format": fmt}
+        )
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = [pool.submit(constrained, k) for k in range(6)]
+        time.sleep(0.05)
+        during = seconds_per_token(server, 300)
+        assert all(a.result().choices for a in answers)
+    assert during < 1.5 * alone, (during, alone)
+
+
+def test_a_schema_that_outlasts_the_grammar_timeout_is_a_400_naming_it(ckpt, client):
+    for s in serving(ckpt, "--api-key", KEY, "--dtype", "fp32", "--grammar-timeout", "0.1"):
+        slow = openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0)
+        deadline, obj = time.monotonic() + 30, {"response_format": {"type": "json_object"}}
+        while True:  # the lane's warm-up at start (llguidance's first matcher, ~2 s) may still be running
+            try:
+                slow.completions.create(model="tiny-alibi", prompt="{", max_tokens=1, extra_body=obj)
+                break
+            except openai.BadRequestError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        fmt = {"type": "json_schema", "json_schema": {"name": "ranges", "schema": slow_schema(0)}}
+        with pytest.raises(openai.BadRequestError) as e:
+            slow.completions.create(model="tiny-alibi", prompt="{", max_tokens=2, extra_body={"response_format": fmt})
+        message = e.value.body["message"]
+        assert message == "response_format: the schema 'ranges' did not compile within 0.1 s (--grammar-timeout)"
+        fast = slow.completions.create(model="tiny-alibi", prompt="{", max_tokens=2, extra_body=obj)
+        assert fast.choices[0].text

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the serve extra is imported where it is used, so this modul
 
     from longboi.multilora import AdapterBank, Stack
     from longboi.serve.schemas import ChatRequest, CompletionRequest, Message, Sampling
+    from longboi.serve.structured import Grammar
 
 OPEN_PATHS = ("/health", "/")  # no key needed: liveness, and the chat page (it holds no data; its calls send the key)
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -62,6 +63,7 @@ class Settings:
     lora_root: str | None = None  # the resolved directory run-time loads must lie in (required by enable_lora)
     max_loras: int = 8  # adapters held at once
     max_lora_rank: int = 64
+    grammar_timeout: float = 10.0  # seconds a response_format may take to compile (queueing included)
 
 
 @dataclass
@@ -144,6 +146,7 @@ def _load_engine(served: Served, load: Callable[[], tuple]) -> None:
         "kv_cache_bytes", "Bytes of KV-cache blocks in use or kept for prefix hits.", lambda: engine.kv_held_bytes
     )
     _ = tok.max_token_bytes  # computed once now (a pass over the vocabulary), not on the first request
+    engine.grammars.lane.submit(engine.grammars.warm)  # in the background: the first compile costs ~2 s more
     served.engine = engine.start()
     precision = precision_of(model)
     kv = "no limit" if engine.kv_cache_bytes is None else f"{engine.kv_cache_bytes / 2**30:.2f} GiB"
@@ -532,15 +535,23 @@ def _check_model(served: Served, name: str | None) -> None:
     _stack_of(served, name)
 
 
-async def _grammar(engine: Engine, body: Sampling) -> str | None:
-    """The request's response_format as a checked grammar (compiled off the event loop), or None."""
+async def _grammar(served: Served, engine: Engine, body: Sampling) -> Grammar | None:
+    """The request's response_format as a checked grammar, or None. Compiled in the grammars' own lane (not the
+    pool that tokenizes every request), within --grammar-timeout counted from the request (queueing included:
+    a compile still waiting when time is up never starts)."""
     if body.response_format is None:
         return None
     spec = body.response_format.model_dump(by_alias=True)
+    limit = served.settings.grammar_timeout
+    lane = asyncio.get_running_loop().run_in_executor(engine.grammars.lane, engine.grammars.compile, spec)
     try:
-        return await asyncio.to_thread(engine.grammars.compile, spec)
+        return await asyncio.wait_for(lane, limit)
     except UserError as e:
         raise APIError(400, str(e), param="response_format") from e
+    except TimeoutError as e:
+        named = body.response_format.json_schema.name if body.response_format.json_schema else "json_object"
+        message = f"response_format: the schema {named!r} did not compile within {limit:g} s (--grammar-timeout)"
+        raise APIError(400, message, param="response_format") from e
 
 
 def _name(served: Served, body: Sampling) -> str:
@@ -818,12 +829,13 @@ async def _completions(served: Served, body: CompletionRequest, request: Request
     if max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens: 0 is only allowed with echo", param="max_tokens")
     params = _sampling(body, tok, max_tokens)
-    grammar = await _grammar(engine, body)
     prompts = await asyncio.to_thread(_prompts, items, tok, engine.max_model_len)  # off the event loop
-    pending = Pending(engine)
-    for ids, _ in prompts:
+    for ids, _ in prompts:  # every cheap check before the grammar's compile
         _check_fits(engine, len(ids), max_tokens)
         _check_kv(engine, body.n, len(ids), max_tokens)
+    grammar = await _grammar(served, engine, body)
+    pending = Pending(engine)
+    for ids, _ in prompts:
         scored = body.logprobs if body.echo and body.logprobs is not None else None
         options = dict(logprobs=body.logprobs, prompt_logprobs=scored, ignore_eos=body.ignore_eos, stack=stack)
         options |= dict(grammar=grammar, cache_salt=body.cache_salt)
@@ -928,7 +940,7 @@ async def _chat(served: Served, body: ChatRequest, request: Request):
     pending = Pending(engine)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = _sampling(body, tok, max_tokens, end_of_turn)
-    grammar = await _grammar(engine, body)
+    grammar = await _grammar(served, engine, body)  # after every cheap check
     options = dict(
         logprobs=logprobs, ignore_eos=body.ignore_eos, stack=stack, grammar=grammar, cache_salt=body.cache_salt
     )

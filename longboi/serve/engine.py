@@ -38,7 +38,7 @@ from longboi.generate import SamplingParams, _RowText, pick, process_logits, tok
 from longboi.model import MPTForCausalLM, PagedCache
 from longboi.serve.metrics import Metrics
 from longboi.serve.scheduler import Piece, Scheduler, Seq
-from longboi.serve.structured import Grammars, mask_logits
+from longboi.serve.structured import Grammar, Grammars, mask_logits
 from longboi.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class Job:
     started: bool = False  # its prompt is in and its choices have forked
     prompt_info: list[TokenInfo] = field(default_factory=list)  # scored prompt tokens so far
     stack: Stack = ()  # LoRA adapters (and scales) applied to this request; () is the base model
-    grammar: str | None = None  # structured output: an llguidance grammar each choice must follow
+    grammar: Grammar | None = None  # structured output: the compiled grammar each choice must follow
     cache_salt: str | None = None  # prefix-cache hits only between jobs of the same salt (and weights)
 
 
@@ -305,7 +305,7 @@ class Engine:
     def _sequence(self, job: Job, index: int, seq: Seq) -> Sequence:
         s = Sequence(job, index, self.tok, self.model.config.vocab_size, self.device, seq)
         if job.grammar is not None:
-            s.matcher = self.grammars.matcher(job.grammar)
+            s.matcher = job.grammar.new_matcher()  # a copy of the template compiled in the grammar lane
         return s
 
     def _root(self, job: Job) -> int:
