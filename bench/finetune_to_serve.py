@@ -73,7 +73,12 @@ def calls(url: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "finetune_to_serve.json"))
+    p.add_argument("--chat-data", metavar="PATH", help="only write the chat set (the README's first step) and exit")
     args = p.parse_args()
+    if args.chat_data:
+        Path(args.chat_data).parent.mkdir(parents=True, exist_ok=True)
+        print(f"{chat_data(Path(args.chat_data))}: the Dolly sample as one-turn conversations")
+        return
     base = DEMO / "train" / "final"
     if not (base / "config.json").is_file():
         raise SystemExit(f"{base}: run `make demo` first")
