@@ -121,6 +121,8 @@ def test_durations():
         ("schedule.warmup", "2min", "schedule.warmup '2min' is a time, but max_duration '8ba' is not"),
         ("eval.every", "soon", "eval.every: 'soon' is not a duration"),
         ("checkpoint.every", "-5min", "checkpoint.every: '-5min' must not be negative"),
+        ("run_dir", "/proc/nope/run", "run_dir /proc/nope/run/config.yaml: cannot write in /proc/nope/run: No such"),
+        ("run_dir", "/etc/hostname/run", "cannot write in /etc/hostname/run: Not a directory"),
     ],
 )
 def test_bad_durations_are_one_line_errors_from_the_cli(tmp_path, data, capsys, key, value, message):

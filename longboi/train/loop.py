@@ -29,7 +29,7 @@ from longboi.checkpoint import remove_stale
 from longboi.config import to_mpt_dict
 from longboi.data.finetune import IGNORE
 from longboi.data.stream import StreamingDataset, StreamLoader
-from longboi.errors import UserError
+from longboi.errors import UserError, check_output_location
 from longboi.flops import model_stats
 from longboi.hardware import MFU, resolve_precision
 from longboi.lora import add_lora, is_lora
@@ -220,6 +220,7 @@ class StopRequest:
 
 def setup(cfg: TrainConfig) -> Run:
     """Model, data, optimizer and wrappers; then the newest checkpoint, if any, restored."""
+    check_output_location(Path(cfg.run_dir) / "config.yaml", "run_dir")  # before minutes of set-up, not after
     d = init_distributed(cfg.device)
     choice = resolve_precision(cfg.precision, d.device, quiet=not d.is_main)
     if d.device.type == "cuda":  # fp32 matmuls on tensor cores (TF32), as the fp32 peak in MFU assumes
