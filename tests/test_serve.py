@@ -326,6 +326,21 @@ def test_a_shared_prompt_prefix_is_served_from_the_cache_unless_turned_off(serve
         plain.stop()
 
 
+def test_a_cache_salt_is_never_a_prefix_hit_for_another_salt_over_http(server):
+    """The time-to-first-token probe of another user's prompt: with per-user cache_salt, a prompt another salt
+    cached gives no hit (the counter does not move); the same salt hits as an unsalted repeat would."""
+    system = "Tenant secret preamble: the merger closes on Friday and the price is forty-two. " * 4
+    body = {"prompt": system + "Q?", "max_tokens": 2, "temperature": 0}
+    assert post(server, C, body | {"cache_salt": "alice"}).status_code == 200
+    before = counter(server, "prefix_cache_hit_tokens")
+    assert post(server, C, body | {"cache_salt": "mallory"}).status_code == 200
+    assert post(server, C, body).status_code == 200  # unsalted
+    assert counter(server, "prefix_cache_hit_tokens") == before
+    assert post(server, C, body | {"cache_salt": "alice"}).status_code == 200
+    assert counter(server, "prefix_cache_hit_tokens") - before >= 64
+    assert post(server, C, body | {"cache_salt": ""}).status_code == 400
+
+
 def test_lm_eval_local_completions_matches_our_eval_engine(server, ckpt, tokenizer_path, monkeypatch):
     """lm-eval's local-completions against the server (remote tokenizer) = `longboi eval`'s engine."""
     from lm_eval.api.instance import Instance
