@@ -11,8 +11,8 @@ import torch
 from conftest import build, small_config
 
 from longboi.generate import SamplingParams
-from longboi.model import PagedCache
 from longboi.serve.engine import Engine, Job, kv_bytes_per_token
+from longboi.serve.kv_cache import PagedCache
 from longboi.tokenizer import Tokenizer
 
 

@@ -34,11 +34,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from longboi.generate import SamplingParams, _RowText, pick, process_logits, token_counts
-from longboi.model import MPTForCausalLM, PagedCache
+from longboi.generate import SamplingParams, _RowText, token_counts
+from longboi.model import MPTForCausalLM
+from longboi.serve.kv_cache import PagedCache
 from longboi.serve.metrics import Metrics
+from longboi.serve.outputs import TokenInfo, sample, scored
 from longboi.serve.scheduler import Piece, Scheduler, Seq
-from longboi.serve.structured import Grammar, Grammars, mask_logits
+from longboi.serve.structured import Grammar, Grammars
 from longboi.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -54,15 +56,6 @@ IDLE_RELEASE_S = 0.5  # an engine idle this long frees its cache, prefix blocks 
 
 class QueueFull(Exception):
     """More requests are waiting than the queue holds (the server answers 429)."""
-
-
-@dataclass(frozen=True)
-class TokenInfo:
-    """One token and, when asked for, its log-probability and the most likely alternatives."""
-
-    id: int
-    logprob: float | None = None
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -105,7 +98,7 @@ class Job:
     cache_salt: str | None = None  # prefix-cache hits only between jobs of the same salt (and weights)
 
 
-class Sequence:
+class Choice:
     """One choice of a job: its generated tokens, text, generator, and its scheduler sequence `seq`
     (prompt + generated tokens, KV blocks)."""
 
@@ -138,7 +131,7 @@ def kv_bytes_per_token(model: MPTForCausalLM) -> int:
 
 
 class Engine:
-    """The runner. `max_batch` sequences run together; `max_queue` jobs may wait; `kv_cache_bytes`
+    """The request lifecycle and the step loop. `max_batch` sequences run together; `max_queue` jobs may wait; `kv_cache_bytes`
     (None: room for max_batch sequences of max_model_len) bounds the paged KV cache; `prefix_cache`
     False computes every prompt in full (for comparison)."""
 
@@ -174,7 +167,7 @@ class Engine:
         self.grammars = Grammars(tok, model.config.vocab_size)  # structured output (response_format)
         self.roots: dict[tuple, int] = {}  # (adapter stack, cache salt) -> its prefix-cache root key
         self.waiting: deque[Job] = deque()  # submitted, not yet handed to the scheduler
-        self.sequences: list[Sequence] = []  # every choice the scheduler holds (running or waiting)
+        self.sequences: list[Choice] = []  # every choice the scheduler holds (running or waiting)
         self.jobs: set[Job] = set()  # every job from submit to its last event
         self.idle = True
         self.wake = threading.Condition()
@@ -302,8 +295,8 @@ class Engine:
             self.sequences.append(sequence)
             self.scheduler.add(seq)
 
-    def _sequence(self, job: Job, index: int, seq: Seq) -> Sequence:
-        s = Sequence(job, index, self.tok, self.model.config.vocab_size, self.device, seq)
+    def _sequence(self, job: Job, index: int, seq: Seq) -> Choice:
+        s = Choice(job, index, self.tok, self.model.config.vocab_size, self.device, seq)
         if job.grammar is not None:
             s.matcher = job.grammar.new_matcher()  # a copy of the template compiled in the grammar lane
         return s
@@ -346,9 +339,9 @@ class Engine:
             self.metrics.observe("batch_size", len(decodes))
         rows, wants = self._logit_rows(done)
         logits = self.model.head(hidden[rows]) if rows else None
-        advance: list[tuple[Sequence, torch.Tensor]] = []
+        advance: list[tuple[Choice, torch.Tensor]] = []
         for p, (score, last) in zip(done, wants):
-            s: Sequence = p.seq.owner
+            s: Choice = p.seq.owner
             if s.job.ended:
                 continue
             if s.job.prompt_logprobs is not None and not s.job.started:
@@ -452,8 +445,8 @@ class Engine:
         missing = [j for j, info in zip(range(first, p.start), infos) if info is None]
         if missing:
             logits = self.model.head(self.cache.stored_hidden(p.seq.blocks, missing))
-            scored = self._scored(logits, [job.prompt[j + 1] for j in missing], job.prompt_logprobs)
-            for j, info in zip(missing, scored):
+            found = scored(logits, [job.prompt[j + 1] for j in missing], job.prompt_logprobs, self.vocab)
+            for j, info in zip(missing, found):
                 infos[j - first] = info
         job.prompt_info += infos
 
@@ -480,9 +473,9 @@ class Engine:
         if not job.prompt_info:
             job.prompt_info.append(TokenInfo(job.prompt[0]))  # nothing predicts the first token
         first = len(job.prompt_info)
-        job.prompt_info += self._scored(logits, job.prompt[first : first + len(logits)], job.prompt_logprobs)
+        job.prompt_info += scored(logits, job.prompt[first : first + len(logits)], job.prompt_logprobs, self.vocab)
 
-    def _start(self, s: Sequence, logits: torch.Tensor) -> None:
+    def _start(self, s: Choice, logits: torch.Tensor) -> None:
         """A prompt is in: the job's other choices fork from it, and each samples its first token. When the
         cache has no blocks for the choices now, the job waits for room (its prompt blocks stay cached)."""
         job = s.job
@@ -503,7 +496,7 @@ class Engine:
             return
         self._advance(seqs, logits.repeat(len(seqs), 1))
 
-    def _forked(self, s: Sequence) -> list[Sequence] | None:
+    def _forked(self, s: Choice) -> list[Choice] | None:
         """Choices 1..n-1 of s's job, sharing s's prompt blocks (a partial last block is copied); None
         when the blocks for the copies cannot be had now."""
         forked = self.scheduler.fork(s.seq, s.job.n - 1)
@@ -516,7 +509,7 @@ class Engine:
         self.sequences += choices
         return choices
 
-    def _isolated(self, seqs: list[Sequence], run: Callable[[list[int]], list]) -> tuple[list[Sequence], list]:
+    def _isolated(self, seqs: list[Choice], run: Callable[[list[int]], list]) -> tuple[list[Choice], list]:
         """run(indices of seqs) for all of them at once; if that raises, for each sequence alone, failing
         only the jobs whose own sequence raises. Returns the sequences that succeeded and their results."""
         try:
@@ -538,7 +531,7 @@ class Engine:
                 self._fail(s.job, e)
         return ok, results
 
-    def _advance(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+    def _advance(self, seqs: list[Choice], logits: torch.Tensor) -> None:
         """Sample one token per sequence from its (V,) logits row, record it, emit text, retire."""
         states = [None if s.generator is None else s.generator.get_state() for s in seqs]
 
@@ -557,51 +550,10 @@ class Engine:
                 self._fail(s.job, e)
         self._sweep()
 
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> list[tuple[int, TokenInfo]]:
-        """(rows, V) logits -> each row's token and its log-probability information."""
-        logits = logits.float()
-        wants_logprobs = any(s.job.logprobs is not None for s in seqs)
-        allowed = logits.clone() if wants_logprobs else logits  # log-probabilities are over the raw logits
-        allowed[:, self.vocab :] = float("-inf")  # the padded vocab is never sampled
-        if any(s.matcher is not None for s in seqs):
-            mask_logits(allowed, [s.matcher for s in seqs])
-        params = [s.params for s in seqs]
-        counts = seen = None
-        if any(s.counts is not None for s in seqs):
-            zeros = torch.zeros(logits.shape[-1], device=logits.device)
-            counts = torch.stack([s.counts if s.counts is not None else zeros for s in seqs])
-            seen = torch.stack([s.prompt_seen if s.prompt_seen is not None else zeros.bool() for s in seqs])
-        processed = process_logits(allowed, params, counts, seen)
-        tokens = pick(processed, params, [s.generator for s in seqs]).tolist()
-        return list(zip(tokens, self._token_infos(seqs, logits, tokens)))
+    def _sample(self, seqs: list[Choice], logits: torch.Tensor) -> list[tuple[int, TokenInfo]]:
+        return sample(seqs, logits, self.vocab)  # a method: the seam fault-injection tests patch
 
-    def _token_infos(self, seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> list[TokenInfo]:
-        """Log-probabilities of the sampled tokens under the model (before any sampling filter), for
-        the rows that asked for them."""
-        wanted = [i for i, s in enumerate(seqs) if s.job.logprobs is not None]
-        infos = [TokenInfo(t) for t in tokens]
-        if wanted:
-            scored = self._scored(
-                logits[wanted], [tokens[i] for i in wanted], max(seqs[i].job.logprobs for i in wanted)
-            )
-            for i, info in zip(wanted, scored):
-                infos[i] = TokenInfo(info.id, info.logprob, info.top[: seqs[i].job.logprobs])
-        return infos
-
-    def _scored(self, logits: torch.Tensor, targets: list[int], top: int) -> list[TokenInfo]:
-        """(N, V) logits -> each target's log-probability and the `top` most likely alternatives.
-
-        Over the whole (padded) vocabulary, as `longboi eval` and transformers score; alternatives come
-        from the tokenizer's ids only."""
-        logprobs = logits.float().log_softmax(dim=-1)
-        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None]).squeeze(1).tolist()
-        alternatives = [[]] * len(targets)
-        if top > 0:
-            values, ids = logprobs[:, : self.vocab].topk(top, dim=-1)
-            alternatives = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-        return [TokenInfo(t, lp, tuple(a)) for t, lp, a in zip(targets, chosen, alternatives)]
-
-    def _record(self, s: Sequence, token: int, info: TokenInfo, now: float) -> None:
+    def _record(self, s: Choice, token: int, info: TokenInfo, now: float) -> None:
         job = s.job
         if job.ended or s.finished:
             return
@@ -633,7 +585,7 @@ class Engine:
         if reason is not None:
             self._finish_choice(s, reason)
 
-    def _finish_choice(self, s: Sequence, reason: str) -> None:
+    def _finish_choice(self, s: Choice, reason: str) -> None:
         s.finished = True
         job = s.job
         self._emit(job, Event(s.index, finish_reason=reason))
