@@ -131,9 +131,9 @@ def kv_bytes_per_token(model: MPTForCausalLM) -> int:
 
 
 class Engine:
-    """The request lifecycle and the step loop. `max_batch` sequences run together; `max_queue` jobs may wait; `kv_cache_bytes`
-    (None: room for max_batch sequences of max_model_len) bounds the paged KV cache; `prefix_cache`
-    False computes every prompt in full (for comparison)."""
+    """The request lifecycle and the step loop. `max_batch` sequences run together; `max_queue` jobs may
+    wait; `kv_cache_bytes` (None: room for max_batch sequences of max_model_len) bounds the paged KV cache;
+    `prefix_cache` False computes every prompt in full (for comparison)."""
 
     def __init__(
         self,
