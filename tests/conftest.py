@@ -70,6 +70,25 @@ def trained(tokenizer, steps: int = 40, text: str | None = None, **cfg) -> MPTFo
     return model.eval()
 
 
+def submit_all(engine, jobs: list, record) -> None:
+    """Submit serving-engine jobs together; `record(k, event)` gets every event of job k; returns once every
+    job has sent its last event (two minutes at most)."""
+    import threading
+
+    done = threading.Semaphore(0)
+    for k, job in enumerate(jobs):
+
+        def sink(ev, k=k):
+            record(k, ev)
+            if ev.done:
+                done.release()
+
+        job.sink = sink
+        engine.submit(job)
+    for _ in jobs:
+        assert done.acquire(timeout=120), "a job never ended"
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path() -> Path:
     if not TOKENIZER.is_file():

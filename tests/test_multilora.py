@@ -3,14 +3,13 @@ stacking equals peft's `add_weighted_adapter(cat)`, and the server loads, lists,
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from conftest import build, small_config
+from conftest import build, small_config, submit_all
 from test_serve import KEY, Server, post
 
 from longboi.checkpoint import load_model, save_checkpoint
@@ -60,19 +59,12 @@ def merged(base_dir: Path, adapter: Path | None):
 def collect(engine: Engine, jobs: list[Job]) -> list[dict]:
     """Run jobs together; per job its generated ids and their logprobs."""
     out = [{"ids": [], "logprobs": []} for _ in jobs]
-    done = threading.Semaphore(0)
-    for k, job in enumerate(jobs):
 
-        def sink(ev, k=k):
-            out[k]["ids"] += [t.id for t in ev.tokens]
-            out[k]["logprobs"] += [t.logprob for t in ev.tokens]
-            if ev.done:
-                done.release()
+    def record(k, ev):
+        out[k]["ids"] += [t.id for t in ev.tokens]
+        out[k]["logprobs"] += [t.logprob for t in ev.tokens]
 
-        job.sink = sink
-        engine.submit(job)
-    for _ in jobs:
-        assert done.acquire(timeout=120)
+    submit_all(engine, jobs, record)
     return out
 
 

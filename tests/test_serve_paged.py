@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from conftest import build, small_config
+from conftest import build, small_config, submit_all
 
 from longboi.generate import SamplingParams
 from longboi.serve.engine import Engine, Job, kv_bytes_per_token
@@ -223,19 +223,13 @@ def test_prompt_scores_of_positions_taken_from_the_prefix_cache_equal_a_full_com
 def submit_and_wait(engine: Engine, jobs: list[Job]) -> list[dict]:
     """Each job's events gathered: {"tokens": {choice: ids}, "error": ...}."""
     out = [{"tokens": {}, "error": None} for _ in jobs]
-    done = threading.Semaphore(0)
-    for k, job in enumerate(jobs):
 
-        def sink(ev, k=k):
-            out[k]["tokens"].setdefault(ev.index, []).extend(t.id for t in ev.tokens)
-            if ev.done:
-                out[k]["error"] = ev.error
-                done.release()
+    def record(k, ev):
+        out[k]["tokens"].setdefault(ev.index, []).extend(t.id for t in ev.tokens)
+        if ev.done:
+            out[k]["error"] = ev.error
 
-        job.sink = sink
-        engine.submit(job)
-    for _ in jobs:
-        assert done.acquire(timeout=120)
+    submit_all(engine, jobs, record)
     return out
 
 
