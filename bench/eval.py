@@ -47,7 +47,7 @@ def main() -> None:
 
     from longboi.checkpoint import load_model, load_tokenizer, save_checkpoint
     from longboi.config import preset
-    from longboi.eval.engine import loglikelihoods
+    from longboi.eval.scoring import loglikelihoods
     from longboi.eval.tasks import TaskBuilder, TaskConfig, read_rows
     from longboi.model import MPTForCausalLM
     from longboi.tokenizer import Tokenizer

@@ -741,7 +741,7 @@ def _processes(device: str):
     `device`."""
     import os
 
-    from longboi.eval.engine import Share
+    from longboi.eval.scoring import Share
     from longboi.inference import resolve_device
     from longboi.train.parallelize import Dist, all_gather_objects, init_distributed
 

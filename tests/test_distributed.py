@@ -361,7 +361,7 @@ def eval_setup(tmp_path_factory):
     from conftest import SHARED, TOKENIZER, trained
 
     from longboi.checkpoint import save_checkpoint
-    from longboi.eval.engine import greedy_generate
+    from longboi.eval.scoring import greedy_generate
     from longboi.eval.tasks import TaskBuilder, TaskConfig
     from longboi.tokenizer import Tokenizer
 
@@ -426,7 +426,7 @@ def test_torchrun_perplexity_equals_one_process(eval_setup, capsys):
 ICL_SPLIT = """
 import json, sys, torch
 from longboi.checkpoint import load_model
-from longboi.eval.engine import Share
+from longboi.eval.scoring import Share
 from longboi.eval.harness import evaluate, load_tasks
 from longboi.tokenizer import Tokenizer
 from longboi.train.parallelize import all_gather_objects, anyone, full_weights, init_distributed, parallelize

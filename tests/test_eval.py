@@ -9,7 +9,6 @@ from conftest import SHARED, build, small_config
 
 from longboi.cli import main
 from longboi.errors import UserError
-from longboi.eval.engine import LLRequest, loglikelihoods
 from longboi.eval.harness import (
     Gauntlet,
     GauntletBenchmark,
@@ -20,6 +19,7 @@ from longboi.eval.harness import (
     load_tasks,
     run_task,
 )
+from longboi.eval.scoring import LLRequest, loglikelihoods
 from longboi.eval.tasks import TaskBuilder, TaskConfig, fewshot_indices, generation_correct, normalize_answer, read_rows
 from longboi.hardware import resolve_precision
 from longboi.tokenizer import Tokenizer

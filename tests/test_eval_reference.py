@@ -13,7 +13,7 @@ import torch
 from conftest import SHARED, build, small_config
 
 from longboi.checkpoint import save_checkpoint
-from longboi.eval.engine import greedy_generate, loglikelihoods
+from longboi.eval.scoring import greedy_generate, loglikelihoods
 from longboi.eval.tasks import TaskBuilder, TaskConfig, read_rows
 from longboi.tokenizer import Tokenizer
 

@@ -348,7 +348,7 @@ def test_lm_eval_local_completions_matches_our_eval_engine(server, ckpt, tokeniz
     from test_eval_reference import requests
 
     from longboi.checkpoint import load_model
-    from longboi.eval.engine import loglikelihoods
+    from longboi.eval.scoring import loglikelihoods
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     tok = Tokenizer(tokenizer_path)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from longboi.config import from_dict
 from longboi.errors import UserError
-from longboi.eval.engine import ALONE, Share, balanced, greedy_generate, loglikelihoods
+from longboi.eval.scoring import ALONE, Share, balanced, greedy_generate, loglikelihoods
 from longboi.eval.tasks import Example, TaskBuilder, TaskConfig, generation_correct, read_rows
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer

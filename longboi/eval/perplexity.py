@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from longboi.errors import UserError
-from longboi.eval.engine import ALONE, Share
+from longboi.eval.scoring import ALONE, Share
 from longboi.model import MPTForCausalLM
 from longboi.tokenizer import Tokenizer
 

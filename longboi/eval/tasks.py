@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from longboi.errors import UserError
-from longboi.eval.engine import LLRequest
+from longboi.eval.scoring import LLRequest
 from longboi.tokenizer import Tokenizer
 
 TaskType = Literal[

@@ -38,9 +38,9 @@ def evaluate(
         }
         metrics.log("eval", step, **results)
     if cfg.eval.icl_tasks:  # in-context-learning tasks: each rank scores its share, rank 0 logs
-        from longboi.eval.engine import Share
         from longboi.eval.harness import evaluate as run_icl
         from longboi.eval.harness import load_tasks
+        from longboi.eval.scoring import Share
 
         share = Share(d.rank, d.world_size, lambda value: all_gather_objects(value, d))
         with autocast, full_weights(model):  # FSDP: whole weights on each rank, so ranks need not run in step
