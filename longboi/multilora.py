@@ -100,8 +100,7 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], rank: int, model: MPTForCa
                 f"{file}: {key} is not a LoRA factor of a layer served adapters apply to "
                 f"({'/'.join(n for _, n in TARGETS)} of the blocks): serving would drop it while merging applies it"
             )
-        found = shape[0] if factor == ".lora_A.weight" else (shape[1] if len(shape) == 2 else -1)
-        if len(shape) != 2 or found != rank:
+        if len(shape) != 2 or shape[0 if factor == ".lora_A.weight" else 1] != rank:  # A (r, in), B (out, r)
             raise UserError(f"{file}: {key} has shape {list(shape)}, not rank {rank} as adapter_config.json says")
 
 
