@@ -164,7 +164,7 @@ def test_the_demo_tokenizer_and_neox_both_compile(tokenizer_path, tmp_path):
 
 def slow_schema(seed: int) -> dict:
     """58 KB: two objects of 380 integer properties with odd ranges, ~0.3 s to compile with its matcher and first
-    mask (AVX-512 EPYC). One object of 780 is a 400: its first mask passes llguidance's row limit."""
+    mask (AVX-512 EPYC). One object of 780 compiles but fails once `{` is consumed (see the test below)."""
 
     def ranges(offset: int, n: int) -> dict:
         properties = {f"p{i}": {"type": "integer", "minimum": -987654321 + 7919 * i + offset, "maximum": 10**11 + i}
@@ -230,3 +230,21 @@ def test_a_schema_that_outlasts_the_grammar_timeout_is_a_400_naming_it(ckpt, cli
         assert message == "response_format: the schema 'ranges' did not compile within 0.1 s (--grammar-timeout)"
         fast = slow.completions.create(model="tiny-alibi", prompt="{", max_tokens=2, extra_body=obj)
         assert fast.choices[0].text
+
+
+def test_a_schema_that_outgrows_the_parser_limits_mid_answer_fails_that_request_alone_in_a_short_error(client):
+    """780 integer properties, the last required (so `{}` cannot end it): the first mask passes, but consuming
+    `{"`, the only token it allows, makes a parser row of 2,338 items (limit 2,000). That request ends with
+    llguidance's short error (its verbose form quoted the whole 60 KB grammar); the server goes on serving."""
+    ranges = {f"p{i}": {"type": "integer", "minimum": -987654321 + 7919 * i, "maximum": 123456789012 + 104729 * i}
+              for i in range(780)}  # fmt: skip
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {"name": "wide", "schema": {"type": "object", "properties": ranges, "required": ["p779"]}},
+    }
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="tiny-alibi", prompt="{", max_tokens=4, extra_body={"response_format": fmt})
+    message = e.value.body["message"]
+    assert "max is 2000" in message and len(message) < 400 and "p778" not in message, message[:500]
+    ok = client.completions.create(model="tiny-alibi", prompt="a", max_tokens=2)
+    assert ok.choices[0].text

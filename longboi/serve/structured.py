@@ -86,14 +86,11 @@ class Grammars:
         except Exception as e:  # llguidance raises ValueError with the part it cannot compile
             raise UserError(f"response_format: the schema cannot be enforced: {e}") from e
         template = llguidance.LLMatcher(self.ll_tokenizer, grammar, log_level=0, limits=_limits())
-        if (
-            not template.is_error()
-        ):  # the first mask too, here: a parser too complex for LIMITS fails now, not mid-request
-            probe = template.deep_copy()
-            import llguidance.torch as llt
-
-            llt.fill_next_token_bitmask(probe, llt.allocate_token_bitmask(1, self.vocab), 0)
-            template = probe if probe.is_error() else template
+        # the first mask too, here: a parser too complex for LIMITS from the start is a 400, not a failed answer
+        probe = template.deep_copy()
+        if not probe.is_error():
+            mask_logits(torch.zeros(1, self.vocab), [probe])
+        template = probe if probe.is_error() else template
         if template.is_error():  # a grammar error or one of LIMITS exceeded
             error = template.get_error()
             error = error if len(error) <= 500 else error[:500] + "..."
@@ -123,7 +120,8 @@ def _schema(response_format: dict) -> dict | None:
 def _limits():
     """llguidance's work bounds, stated here rather than inherited: its defaults, which keep one token's mask
     to about 15 ms (lexer fuel ~14k/ms, Earley items ~20k/ms) and a compile's regex work to about 20 ms;
-    a schema past them is a 400 at compile (the first mask is computed there too)."""
+    a schema whose first mask passes them is a 400 at compile; one that passes them later in an answer
+    fails that request alone, with a short error (the verbose one quoted the whole grammar)."""
     import llguidance
 
     return llguidance.LLParserLimits(
